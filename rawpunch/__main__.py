@@ -1,0 +1,5 @@
+import sys
+
+from rawpunch.cli import main
+
+sys.exit(main())

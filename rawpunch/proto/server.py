@@ -1,0 +1,496 @@
+"""The rendezvous server as a sans-IO core: datagrams and ``now`` in, datagrams out.
+
+Theory of operation
+-------------------
+A session is two slots keyed by ``session_id`` (a hash of the shared secret, ``keys``). A
+client proves it can receive at its source address before the server keeps any state for it or
+answers with more bytes than it sent (amplification, RFC 8489 section 16.1.2 and QUIC's Retry,
+RFC 9000 section 8.1): its first REGISTER gets a COOKIE, an HMAC of its address, session and the
+server's clock, which every later request carries. Anything malformed, unauthenticated or
+replayed is dropped without an answer.
+
+Two requests are long polls: INFO (answered PEER once both peers have sent their sealed info)
+and READY (answered GO once both are ready). The first peer gets PENDING and keeps polling; when
+the second arrives the server answers it and pushes the answer to the first peer's latest
+transaction id, so both learn at once. GO carries a per-peer delay, ``max(owd) - owd_i`` with
+``owd = rtt / 2``, so both punches leave at the same moment (libp2p DCUtR's RTT/2 trick): no
+wall clocks, only measured round trips.
+
+No reflection: the server only ever sends to the source address of an authenticated request,
+and the endpoints it tells a peer about are the ones it observed itself for the other peer of
+the same session (never addresses a client claims).
+
+State is bounded: caps on sessions, on peers per source address and on TCP mappings per peer,
+idle expiry, a token bucket per source, and O(1) anti-replay state per peer (``replay``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from rawpunch.proto import codec
+from rawpunch.proto.codec import (
+    Attr,
+    Endpoint,
+    ErrorCode,
+    ErrorInfo,
+    Message,
+    MessageType,
+    ResultInfo,
+    TcpMapping,
+)
+from rawpunch.proto.errors import (
+    AuthenticationError,
+    RemoteProtocolError,
+    ReplayError,
+    StaleCookie,
+    UnexpectedMessage,
+)
+from rawpunch.proto.keys import control_key
+from rawpunch.proto.replay import ReplayWindow, split_txid
+
+log = logging.getLogger("rawpunch.server")
+
+Addr = tuple[str, int]
+Outgoing = list[tuple[bytes, Addr]]
+
+
+@dataclass
+class ServerConfig:
+    tcp_port: int
+    """TCP discovery port advertised to clients."""
+    cookie_key: bytes = field(default_factory=lambda: os.urandom(32))
+    cookie_lifetime: float = 30.0
+    peer_idle_timeout: float = 30.0
+    """A peer that sent nothing for this long has vanished; its slot is freed."""
+    session_lifetime: float = 600.0
+    max_sessions: int = 10_000
+    max_peers_per_source: int = 64
+    max_tcp_mappings: int = 8
+    rate_per_source: float = 200.0
+    """Messages per second per source IP (token bucket)."""
+    burst_per_source: float = 400.0
+    max_rate_sources: int = 16_384
+    sweep_interval: float = 1.0
+
+
+class Peer:
+    __slots__ = (
+        "addr",
+        "instance",
+        "last_seen",
+        "ready",
+        "replay",
+        "result",
+        "rtt",
+        "sealed",
+        "slot",
+        "tcp",
+        "token",
+        "waiting",
+    )
+
+    def __init__(self, slot: int, addr: Addr, instance: bytes, rtt: float, now: float) -> None:
+        self.slot = slot
+        self.addr = addr
+        self.instance = instance
+        self.replay = ReplayWindow()
+        self.token = os.urandom(codec.TOKEN_LEN)
+        self.rtt = rtt
+        self.last_seen = now
+        self.tcp: dict[int, Endpoint] = {}
+        self.sealed: bytes | None = None
+        self.waiting: bytes | None = None  # txid of the latest long-poll awaiting a push
+        self.ready = False
+        self.result: ResultInfo | None = None
+
+
+class Session:
+    __slots__ = ("created", "fire_at", "key", "peers", "sid")
+
+    def __init__(self, sid: bytes, now: float) -> None:
+        self.sid = sid
+        self.key = control_key(sid)
+        self.peers: list[Peer | None] = [None, None]
+        self.created = now
+        self.fire_at: float | None = None  # when both punches should leave, once GO was decided
+
+    def other(self, peer: Peer) -> Peer | None:
+        return self.peers[1 - peer.slot]
+
+    def by_addr(self, addr: Addr) -> Peer | None:
+        return next((p for p in self.peers if p is not None and p.addr == addr), None)
+
+
+class ServerCore:
+    def __init__(self, config: ServerConfig, now: float) -> None:
+        self.config = config
+        self.sessions: dict[bytes, Session] = {}
+        self.peers_per_source: Counter[str] = Counter()
+        self.buckets: dict[str, list[float]] = {}
+        self.stats: Counter[str] = Counter()
+        self._tokens: dict[bytes, tuple[Session, Peer]] = {}
+        self._next_sweep = now + config.sweep_interval
+
+    # --- entry points ---------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> Outgoing:
+        """Handle one UDP datagram; returns the datagrams to send, each with its destination."""
+        self.stats["datagrams"] += 1
+        if not self._admit(addr[0], now):
+            self.stats["rate_limited"] += 1
+            return []
+        try:
+            return self._handle(data, addr, now)
+        except RemoteProtocolError as exc:
+            self.stats[f"dropped_{type(exc).__name__}"] += 1
+            log.debug("drop %d bytes from %s: %s", len(data), _fmt(addr), exc)
+            return []
+
+    def receive_discovery(self, data: bytes, addr: Addr, now: float) -> bytes:
+        """One DISCOVER message that arrived over TCP from ``addr``; returns the DISCOVERED reply.
+
+        The TCP handshake already proved the address, so no cookie is needed. Raises a
+        ``RemoteProtocolError`` for anything unacceptable; the adapter then closes the connection.
+        """
+        msg, session = self._authenticate(data)
+        if msg.type is not MessageType.DISCOVER:
+            raise UnexpectedMessage(f"{msg.type.name} on the TCP discovery port")
+        found = self._tokens.get(msg.get(Attr.TOKEN))
+        if found is None or found[0] is not session:
+            raise UnexpectedMessage("discovery token names no registered peer of this session")
+        peer = found[1]
+        self._check_replay(peer, msg.transaction_id)
+        local_port = msg.get(Attr.LOCAL_PORT)
+        public = Endpoint(*addr)
+        if local_port not in peer.tcp and len(peer.tcp) >= self.config.max_tcp_mappings:
+            raise UnexpectedMessage(f"peer already has {self.config.max_tcp_mappings} TCP mappings")
+        peer.tcp[local_port] = public
+        peer.last_seen = now
+        log.info(
+            "tcp endpoint session=%s slot=%d local port %d -> %s",
+            _sid(session),
+            peer.slot,
+            local_port,
+            public,
+        )
+        return self._reply(
+            session, msg, MessageType.DISCOVERED, ((Attr.MAPPED_TCP, TcpMapping(local_port, public)),)
+        )
+
+    def get_timer(self) -> float:
+        return self._next_sweep
+
+    def handle_timer(self, now: float) -> None:
+        if now >= self._next_sweep:
+            self.expire(now)
+            self._next_sweep = now + self.config.sweep_interval
+
+    def expire(self, now: float) -> None:
+        """Free the slots of vanished peers and drop empty or over-age sessions."""
+        for sid, session in list(self.sessions.items()):
+            for peer in session.peers:
+                if peer is not None and now - peer.last_seen > self.config.peer_idle_timeout:
+                    log.info(
+                        "peer gone session=%s slot=%d (silent for %.0f s)",
+                        _sid(session),
+                        peer.slot,
+                        now - peer.last_seen,
+                    )
+                    self._remove_peer(session, peer)
+            if not any(session.peers) or now - session.created > self.config.session_lifetime:
+                for peer in filter(None, session.peers):
+                    self._remove_peer(session, peer)
+                del self.sessions[sid]
+                self.stats["sessions_expired"] += 1
+        self._trim_buckets(now)
+
+    # --- admission and authentication -----------------------------------------------------------
+
+    def _admit(self, ip: str, now: float) -> bool:
+        bucket = self.buckets.get(ip)
+        if bucket is None:
+            if len(self.buckets) >= self.config.max_rate_sources:
+                self._trim_buckets(now)
+                if len(self.buckets) >= self.config.max_rate_sources:
+                    del self.buckets[next(iter(self.buckets))]  # oldest first
+            bucket = self.buckets[ip] = [self.config.burst_per_source, now]
+        tokens = min(
+            self.config.burst_per_source, bucket[0] + (now - bucket[1]) * self.config.rate_per_source
+        )
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _trim_buckets(self, now: float) -> None:
+        """Forget sources whose bucket has refilled: they are indistinguishable from new ones."""
+        full = self.config.burst_per_source / self.config.rate_per_source
+        for ip in [ip for ip, (_, t) in self.buckets.items() if now - t > full]:
+            del self.buckets[ip]
+
+    def _authenticate(self, data: bytes) -> tuple[Message, Session | None]:
+        head = codec.peek_header(data)
+        if not codec.MESSAGES[head.type].from_client:
+            raise UnexpectedMessage(f"{head.type.name} is a server message")
+        session = self.sessions.get(head.session_id)
+        key = session.key if session else control_key(head.session_id)
+        return codec.decode(data, key, head), session
+
+    def _cookie(self, addr: Addr, sid: bytes, now: float) -> bytes:
+        stamp = struct.pack("!Q", int(now * 1000))
+        return stamp + self._cookie_mac(stamp, addr, sid)
+
+    def _cookie_mac(self, stamp: bytes, addr: Addr, sid: bytes) -> bytes:
+        source = ipaddress.ip_address(addr[0]).packed + struct.pack("!H", addr[1])
+        return hmac.new(self.config.cookie_key, stamp + source + sid, hashlib.sha256).digest()[:16]
+
+    def _cookie_age(self, cookie: bytes | None, addr: Addr, sid: bytes, now: float) -> float:
+        """Seconds since the server minted ``cookie`` for this source; raises StaleCookie."""
+        if cookie is None:
+            raise StaleCookie("no cookie")
+        stamp, mac = cookie[:8], cookie[8:]
+        if not hmac.compare_digest(mac, self._cookie_mac(stamp, addr, sid)):
+            raise StaleCookie("cookie was minted for another address or session")
+        age: float = now - struct.unpack("!Q", stamp)[0] / 1000
+        if not -1.0 <= age <= self.config.cookie_lifetime:
+            raise StaleCookie(f"cookie is {age:.1f} s old")
+        return max(age, 0.0)
+
+    def _check_replay(self, peer: Peer, txid: bytes) -> None:
+        instance, seq = split_txid(txid)
+        if instance != peer.instance or not peer.replay.check_and_update(seq):
+            raise ReplayError("transaction id replayed or from another client run")
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    def _handle(self, data: bytes, addr: Addr, now: float) -> Outgoing:
+        msg, session = self._authenticate(data)
+        try:
+            age = self._cookie_age(msg.get(Attr.COOKIE), addr, msg.session_id, now)
+        except StaleCookie as exc:
+            # The source is not validated: answer only if the answer is no larger than the request.
+            self.stats["cookies_sent"] += 1
+            log.debug("cookie to %s: %s", _fmt(addr), exc)
+            reply = self._reply_key(
+                control_key(msg.session_id) if session is None else session.key,
+                msg,
+                MessageType.COOKIE,
+                ((Attr.COOKIE, self._cookie(addr, msg.session_id, now)),),
+            )
+            return [(reply, addr)] if len(reply) <= len(data) else []
+        if msg.type is MessageType.REGISTER:
+            return self._register(session, msg, addr, age, now)
+        peer = session.by_addr(addr) if session else None
+        if session is None or peer is None:
+            return [
+                (
+                    self._error(
+                        session, msg, ErrorCode.UNKNOWN_PEER, "not registered (or expired): register again"
+                    ),
+                    addr,
+                )
+            ]
+        self._check_replay(peer, msg.transaction_id)
+        peer.last_seen = now
+        handler = _HANDLERS[msg.type]
+        return handler(self, session, peer, msg, now)
+
+    def _register(
+        self, session: Session | None, msg: Message, addr: Addr, age: float, now: float
+    ) -> Outgoing:
+        instance, _ = split_txid(msg.transaction_id)
+        peer = session.by_addr(addr) if session else None
+        if peer is not None and peer.instance != instance:
+            peer = self._restart_peer(session, peer, instance, age, now)  # type: ignore[arg-type]
+        if peer is None:
+            result = self._new_peer(session, msg, addr, instance, age, now)
+            if isinstance(result, bytes):
+                return [(result, addr)]
+            session, peer = result
+        assert session is not None
+        self._check_replay(peer, msg.transaction_id)
+        peer.last_seen = now
+        attrs = (
+            (Attr.SLOT, peer.slot),
+            (Attr.MAPPED_UDP, Endpoint(*addr)),
+            (Attr.TCP_PORT, self.config.tcp_port),
+            (Attr.TOKEN, peer.token),
+            (Attr.RTT_MS, int(peer.rtt * 1000)),
+        )
+        return [(self._reply(session, msg, MessageType.REGISTERED, attrs), addr)]
+
+    def _restart_peer(self, session: Session, old: Peer, instance: bytes, age: float, now: float) -> Peer:
+        """A client restarted from the same address: it takes its slot back as a new instance."""
+        log.info("peer restarted session=%s slot=%d from %s", _sid(session), old.slot, _fmt(old.addr))
+        self._remove_peer(session, old)
+        peer = Peer(old.slot, old.addr, instance, age, now)
+        self._add_peer(session, peer)
+        return peer
+
+    def _new_peer(
+        self, session: Session | None, msg: Message, addr: Addr, instance: bytes, age: float, now: float
+    ) -> tuple[Session, Peer] | bytes:
+        if self.peers_per_source[addr[0]] >= self.config.max_peers_per_source:
+            return self._error(session, msg, ErrorCode.SERVER_FULL, "too many sessions from your address")
+        if session is None:
+            if len(self.sessions) >= self.config.max_sessions:
+                return self._error(
+                    session, msg, ErrorCode.SERVER_FULL, "server is at its session limit; try again later"
+                )
+            session = self.sessions[msg.session_id] = Session(msg.session_id, now)
+            self.stats["sessions_created"] += 1
+        free = [i for i, p in enumerate(session.peers) if p is None]
+        if not free:
+            return self._error(session, msg, ErrorCode.SESSION_FULL, "two peers are already in this session")
+        peer = Peer(free[0], addr, instance, age, now)
+        self._add_peer(session, peer)
+        other = session.other(peer)
+        log.info(
+            "register session=%s slot=%d from %s rtt=%.1f ms%s",
+            _sid(session),
+            peer.slot,
+            _fmt(addr),
+            age * 1000,
+            " (paired)" if other else "",
+        )
+        return session, peer
+
+    def _add_peer(self, session: Session, peer: Peer) -> None:
+        session.peers[peer.slot] = peer
+        self.peers_per_source[peer.addr[0]] += 1
+        self._tokens[peer.token] = (session, peer)
+
+    def _remove_peer(self, session: Session, peer: Peer) -> None:
+        session.peers[peer.slot] = None
+        session.fire_at = None
+        self._tokens.pop(peer.token, None)
+        self.peers_per_source[peer.addr[0]] -= 1
+        if self.peers_per_source[peer.addr[0]] <= 0:
+            del self.peers_per_source[peer.addr[0]]
+
+    # --- requests of registered peers ------------------------------------------------------------
+
+    def _info(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
+        peer.sealed = msg.get(Attr.SEALED)
+        other = session.other(peer)
+        if other is None or other.sealed is None:
+            peer.waiting = msg.transaction_id
+            return [(self._reply(session, msg, MessageType.PENDING, ()), peer.addr)]
+        out = [(self._peer_message(session, msg, other), peer.addr)]
+        if other.waiting is not None:
+            log.info("paired session=%s: peer info exchanged", _sid(session))
+            out.append((self._push(session, other, MessageType.PEER, self._peer_attrs(peer)), other.addr))
+        return out
+
+    def _ready(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
+        if msg.get(Attr.RTT_MS) is not None:
+            peer.rtt = msg.get(Attr.RTT_MS) / 1000
+        peer.ready = True
+        other = session.other(peer)
+        if other is None or not other.ready:
+            peer.waiting = msg.transaction_id
+            return [(self._reply(session, msg, MessageType.PENDING, ()), peer.addr)]
+        out = []
+        if session.fire_at is None:
+            session.fire_at = now + max(peer.rtt, other.rtt) / 2
+            log.info(
+                "go session=%s: one-way delays %.1f / %.1f ms", _sid(session), peer.rtt * 500, other.rtt * 500
+            )
+            if other.waiting is not None:
+                out.append(
+                    (
+                        self._push(session, other, MessageType.GO, self._go_attrs(session, other, now)),
+                        other.addr,
+                    )
+                )
+        out.insert(
+            0, (self._reply(session, msg, MessageType.GO, self._go_attrs(session, peer, now)), peer.addr)
+        )
+        return out
+
+    def _result(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
+        peer.result = msg.get(Attr.RESULT)
+        assert peer.result is not None
+        log.info(
+            "result session=%s slot=%d: %s after %d ms %s",
+            _sid(session),
+            peer.slot,
+            peer.result.code.name,
+            peer.result.elapsed_ms,
+            peer.result.detail,
+        )
+        return [(self._reply(session, msg, MessageType.RESULT_ACK, ()), peer.addr)]
+
+    def _wrong_type(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
+        raise UnexpectedMessage(f"{msg.type.name} is only valid on the TCP discovery port")
+
+    # --- building replies ------------------------------------------------------------------------
+
+    def _peer_attrs(self, of: Peer) -> tuple[tuple[Attr, codec.AttrValue], ...]:
+        assert of.sealed is not None
+        tcp = tuple((Attr.PEER_TCP, TcpMapping(port, ep)) for port, ep in of.tcp.items())
+        return ((Attr.SLOT, of.slot), (Attr.PEER_UDP, Endpoint(*of.addr)), *tcp, (Attr.SEALED, of.sealed))
+
+    def _peer_message(self, session: Session, msg: Message, of: Peer) -> bytes:
+        return self._reply(session, msg, MessageType.PEER, self._peer_attrs(of))
+
+    def _go_attrs(self, session: Session, peer: Peer, now: float) -> tuple[tuple[Attr, codec.AttrValue], ...]:
+        assert session.fire_at is not None
+        delay = max(0.0, session.fire_at - now - peer.rtt / 2)
+        return ((Attr.DELAY_MS, round(delay * 1000)),)
+
+    def _push(
+        self, session: Session, to: Peer, mtype: MessageType, attrs: tuple[tuple[Attr, codec.AttrValue], ...]
+    ) -> bytes:
+        assert to.waiting is not None
+        txid, to.waiting = to.waiting, None
+        return codec.encode(Message(mtype, txid, session.sid, attrs), session.key)
+
+    def _reply(
+        self,
+        session: Session,
+        msg: Message,
+        mtype: MessageType,
+        attrs: tuple[tuple[Attr, codec.AttrValue], ...],
+    ) -> bytes:
+        return self._reply_key(session.key, msg, mtype, attrs)
+
+    @staticmethod
+    def _reply_key(
+        key: bytes, msg: Message, mtype: MessageType, attrs: tuple[tuple[Attr, codec.AttrValue], ...]
+    ) -> bytes:
+        return codec.encode(Message(mtype, msg.transaction_id, msg.session_id, attrs), key)
+
+    def _error(self, session: Session | None, msg: Message, code: ErrorCode, reason: str) -> bytes:
+        self.stats[f"error_{code.name}"] += 1
+        key = session.key if session else control_key(msg.session_id)
+        return self._reply_key(key, msg, MessageType.ERROR, ((Attr.ERROR, ErrorInfo(code, reason)),))
+
+
+_HANDLERS = {
+    MessageType.INFO: ServerCore._info,
+    MessageType.READY: ServerCore._ready,
+    MessageType.RESULT: ServerCore._result,
+    MessageType.DISCOVER: ServerCore._wrong_type,
+}
+
+
+def _sid(session: Session) -> str:
+    return session.sid[:4].hex()
+
+
+def _fmt(addr: Addr) -> str:
+    return str(Endpoint(*addr))
+
+
+__all__ = ["AuthenticationError", "ServerConfig", "ServerCore"]
