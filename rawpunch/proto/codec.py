@@ -116,6 +116,19 @@ class Endpoint:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @classmethod
+    def parse(cls, text: str, default_port: int | None = None) -> Endpoint:
+        """``HOST:PORT``, ``[V6]:PORT``, or a bare address when ``default_port`` is given."""
+        host, sep, port = text.rpartition(":")
+        if not sep or (":" in host and not host.startswith("[")):
+            host, port = text, ""
+        if not port and default_port is None:
+            raise ValueError(f"{text!r} lacks a port (HOST:PORT)")
+        try:
+            return cls(host.strip("[]"), int(port) if port else default_port or 0)
+        except ValueError:
+            raise ValueError(f"{text!r} is not HOST:PORT with a numeric IP address") from None
+
 
 @dataclass(frozen=True, slots=True)
 class TcpMapping:

@@ -1,0 +1,456 @@
+"""Build a Topology out of Linux network namespaces, run things in its nodes, and always tear it down.
+
+One namespace per node, ``rp-<run id>-<node>``, veth pairs created directly between the two namespaces
+(nothing is ever created in, or routed through, the host's namespace), addresses, routes, sysctls, then the
+NAT profiles' iptables rules applied atomically with ``iptables-restore`` inside each NAT's namespace.
+
+Teardown runs on every exit path: ``__exit__`` (normal end, exception, Ctrl-C), a SIGTERM/SIGHUP handler and
+an atexit hook in the owner process. It stops the processes the lab started, undoes the NAT rules, SIGKILLs
+whatever else is still inside the lab's namespaces (found by namespace inode, see nsproc) and removes the
+namespaces and the run's registry record. A SIGKILLed owner cannot clean up: ``rawpunch lab clean``
+(clean.clean_labs) finds such runs through the registry.
+
+Forked children (``call``, pyroute2's helpers) inherit the handlers; teardown only ever runs in the process
+that built the lab.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+
+from rawpunch.lab.nsproc import (
+    LAB_PREFIX,
+    NETNS_DIR,
+    create_netns,
+    kill_netns_processes,
+    remove_netns,
+    require_root,
+    run_in_netns,
+)
+from rawpunch.lab.profiles import get_profile
+from rawpunch.lab.registry import new_record, record_path, remove_record, write_record
+from rawpunch.lab.topology import Topology
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"^[0-9a-z]{1,12}$")
+#: How long a process the lab started gets between SIGTERM and SIGKILL at teardown.
+STOP_GRACE_S = 1.0
+
+
+def new_run_id() -> str:
+    """A short random hex id; unique enough for concurrent runs on one machine (32 bits)."""
+    return secrets.token_hex(4)
+
+
+def netns_name(run_id: str, node: str) -> str:
+    return f"{LAB_PREFIX}{run_id}-{node}"
+
+
+def _sysctls(forwarding: bool) -> dict[str, str]:
+    settings = {
+        # IPv6 off before any interface exists: no link-local addresses, router solicitations or MLD noise.
+        "net/ipv6/conf/all/disable_ipv6": "1",
+        "net/ipv6/conf/default/disable_ipv6": "1",
+        "net/ipv6/conf/lo/disable_ipv6": "1",
+        # Reverse-path filtering would drop legitimately asymmetric or spoofed-source lab traffic (crafted
+        # packets).
+        "net/ipv4/conf/all/rp_filter": "0",
+        "net/ipv4/conf/default/rp_filter": "0",
+        "net/ipv4/ip_forward": "1" if forwarding else "0",
+    }
+    if forwarding:
+        # ICMP errors (time exceeded, unreachable) are rate limited per destination by default; tests that
+        # count on an ICMP answer to each low-TTL probe must not depend on timing.
+        settings["net/ipv4/icmp_ratelimit"] = "0"
+    return settings
+
+
+def _apply_sysctls(settings: dict[str, str]) -> None:
+    """Runs inside the namespace: /proc/sys/net belongs to the namespace of the process that opens it."""
+    for key, value in settings.items():
+        path = Path("/proc/sys") / key
+        if key.startswith("net/ipv6/") and not path.exists():
+            continue  # kernel without IPv6: nothing to disable
+        path.write_text(value)
+
+
+class LabNode:
+    """A handle on one node of a running lab: run commands, start processes and call Python inside it."""
+
+    def __init__(self, lab: Lab, name: str) -> None:
+        topo = lab.topology
+        node = topo.node(name)
+        self.lab = lab
+        self.name = name
+        self.role = node.role
+        self.netns = lab.netns_name(name)
+        self.address: IPv4Address = topo.address(name)
+        self.public_address: IPv4Address | None = topo.public_address(name) if node.role == "nat" else None
+
+    def __repr__(self) -> str:
+        return f"LabNode({self.name!r}, netns={self.netns!r}, address={self.address})"
+
+    def _argv(self, argv: Sequence[str]) -> list[str]:
+        if isinstance(argv, str):
+            raise TypeError("argv must be a sequence of strings, not a string")
+        self.lab.require_running()
+        return ["ip", "netns", "exec", self.netns, *argv]
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 30.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command in the node and wait; text output is captured. With check, stderr is in the error."""
+        try:
+            return subprocess.run(
+                self._argv(argv), capture_output=True, text=True, check=check, timeout=timeout, input=input
+            )
+        except subprocess.CalledProcessError as e:
+            e.add_note(f"in {self.name} ({self.netns}); stderr: {(e.stderr or '').strip()}")
+            raise
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process in the node. The lab terminates it (and its process group) at teardown.
+
+        It gets its own session unless start_new_session is given, so teardown can stop its children too.
+        """
+        kwargs.setdefault("start_new_session", True)
+        proc: subprocess.Popen[Any] = subprocess.Popen(self._argv(argv), **kwargs)
+        self.lab.track(proc, own_group=bool(kwargs["start_new_session"]))
+        return proc
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:
+        """Run ``fn(*args)`` in a forked child inside the node; return its result or re-raise its exception.
+
+        Result and exception must be picklable. On timeout the child is killed and TimeoutError raised.
+        """
+        self.lab.require_running()
+        return run_in_netns(self.netns, fn, args, timeout)
+
+
+class Lab:
+    """A topology built in network namespaces; a context manager that always tears it down.
+
+    >>> with Lab(two_nats()) as lab:                                      # doctest: +SKIP
+    ...     lab.node("a").run(["ping", "-c1", str(lab.node("server").address)])
+    """
+
+    def __init__(self, topology: Topology, run_id: str | None = None) -> None:
+        if run_id is None:
+            run_id = new_run_id()
+        if not _RUN_ID.match(run_id):
+            raise ValueError(f"run id {run_id!r}: use 1-12 of [0-9a-z] (it becomes part of namespace names)")
+        self.topology = topology
+        self.run_id = run_id
+        self.namespaces: dict[str, str] = {n.name: netns_name(run_id, n.name) for n in topology.nodes}
+        self._state = "new"  # new -> building -> running -> closed
+        self._owner_pid = os.getpid()
+        self._procs: list[tuple[subprocess.Popen[Any], bool]] = []
+        self._nats_configured: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"Lab(run_id={self.run_id!r}, nodes={list(self.namespaces)}, state={self._state})"
+
+    # --- context manager ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        self.build()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- access ------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def require_running(self) -> None:
+        if self._state not in ("building", "running"):
+            raise RuntimeError(f"lab {self.run_id} is {self._state}, not running")
+
+    def netns_name(self, node: str) -> str:
+        try:
+            return self.namespaces[node]
+        except KeyError:
+            raise KeyError(
+                f"no node {node!r} in lab {self.run_id} (nodes: {', '.join(self.namespaces)})"
+            ) from None
+
+    def node(self, name: str) -> LabNode:
+        self.netns_name(name)
+        return LabNode(self, name)
+
+    @property
+    def nodes(self) -> tuple[LabNode, ...]:
+        return tuple(LabNode(self, n) for n in self.namespaces)
+
+    def track(self, proc: subprocess.Popen[Any], own_group: bool) -> None:
+        """Make teardown stop *proc* (and its process group when it leads one)."""
+        self._procs.append((proc, own_group))
+
+    # --- build -------------------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Create namespaces, links, addresses, routes, sysctls and NAT rules. On any failure, tear down."""
+        require_root("rawpunch lab")
+        if self._state != "new":
+            raise RuntimeError(f"lab {self.run_id} was already built ({self._state})")
+        taken = [ns for ns in self.namespaces.values() if (NETNS_DIR / ns).exists()]
+        if taken or record_path(self.run_id).exists():
+            raise FileExistsError(
+                f"lab run id {self.run_id} is in use (namespaces: {taken or 'registry only'})"
+            )
+        self._state = "building"
+        _register_live(self)
+        try:
+            # The record comes first: from here on, a SIGKILL leaves something clean_labs can find.
+            write_record(new_record(self.run_id, tuple(self.namespaces.values())))
+            for ns in self.namespaces.values():
+                create_netns(ns)
+            for node in self.topology.nodes:
+                settings = _sysctls(forwarding=node.role in ("nat", "router"))
+                run_in_netns(self.namespaces[node.name], _apply_sysctls, (settings,), 10.0)
+            self._build_network()
+            for node in self.topology.nodes:
+                if node.role == "nat":
+                    self._configure_nat(node.name)
+        except BaseException:
+            self.close()
+            raise
+        self._state = "running"
+
+    def _build_network(self) -> None:
+        iprs: dict[str, Any] = {}
+        try:
+            for node, ns in self.namespaces.items():
+                iprs[node] = IPRoute(netns=ns, flags=0)  # flags=0: never create a namespace implicitly
+            for node in self.namespaces:
+                _link_up(iprs[node], "lo")
+            for link in self.topology.links:
+                # The peer is created straight inside b's namespace: no interface ever exists in the host's.
+                iprs[link.a].link(
+                    "add",
+                    ifname=link.a_ifname,
+                    kind="veth",
+                    peer={"ifname": link.b_ifname, "net_ns_fd": self.namespaces[link.b]},
+                )
+            for node in self.namespaces:
+                for iface in self.topology.interfaces(node):
+                    ipr = iprs[node]
+                    index = ipr.link_lookup(ifname=iface.ifname)[0]
+                    ipr.addr(
+                        "add",
+                        index=index,
+                        address=str(iface.address.ip),
+                        prefixlen=iface.address.network.prefixlen,
+                    )
+                    ipr.link("set", index=index, state="up")
+            for node in self.namespaces:
+                for route in self.topology.routes(node):
+                    iprs[node].route("add", dst=str(route.dest), gateway=str(route.gateway))
+        finally:
+            for ipr in iprs.values():
+                ipr.close()
+
+    def _configure_nat(self, name: str) -> None:
+        profile = get_profile(self.topology.node(name).profile or "")
+        self._nats_configured.append(name)
+        self.node(name).run(["iptables-restore", "-w"], input=profile.iptables_restore(lan="lan", wan="wan"))
+
+    # --- teardown ----------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Tear everything down; idempotent, and safe to re-enter from a signal handler.
+
+        Raises RuntimeError if a namespace survived (then its registry record is kept for clean_labs).
+        """
+        if self._state == "closed" or os.getpid() != self._owner_pid:
+            return
+        if self._state == "new":
+            self._state = "closed"
+            return
+        self._stop_processes()
+        self._undo_nat_rules()
+        namespaces = [ns for ns in self.namespaces.values() if (NETNS_DIR / ns).exists()]
+        try:
+            kill_netns_processes(namespaces)
+        except TimeoutError as e:
+            log.error("lab %s: %s", self.run_id, e)
+        for ns in namespaces:
+            try:
+                remove_netns(ns)
+            except OSError as e:
+                log.error("lab %s: cannot remove namespace %s: %s", self.run_id, ns, e)
+        survivors = [ns for ns in self.namespaces.values() if (NETNS_DIR / ns).exists()]
+        if not survivors:
+            remove_record(self.run_id)
+        self._state = "closed"
+        _unregister_live(self)
+        if survivors:
+            raise RuntimeError(f"lab {self.run_id}: namespaces survived teardown: {', '.join(survivors)}")
+
+    def _stop_processes(self) -> None:
+        procs, self._procs = self._procs, []
+        for proc, own_group in procs:
+            _signal_proc(proc, own_group, signal.SIGTERM)
+        for proc, own_group in procs:
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                _signal_proc(proc, own_group, signal.SIGKILL)
+                proc.wait()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+
+    def _undo_nat_rules(self) -> None:
+        # mininet style: a NAT removes what it installed, even though removing the namespace would drop it
+        # too.
+        nats, self._nats_configured = self._nats_configured, []
+        for name in nats:
+            if not (NETNS_DIR / self.namespaces[name]).exists():
+                continue
+            profile = get_profile(self.topology.node(name).profile or "")
+            undo = subprocess.run(
+                ["ip", "netns", "exec", self.namespaces[name], "iptables-restore", "-w"],
+                input=profile.iptables_undo(),
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            if undo.returncode != 0:
+                log.warning(
+                    "lab %s: undoing NAT rules on %s failed: %s", self.run_id, name, undo.stderr.strip()
+                )
+
+
+def _link_up(ipr: Any, ifname: str) -> None:
+    ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
+
+
+def _signal_proc(proc: subprocess.Popen[Any], own_group: bool, sig: signal.Signals) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if own_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
+
+# --- process-wide teardown guard ---------------------------------------------------------------------------
+
+
+@dataclass
+class _GuardState:
+    """Process-wide teardown state: the live labs, and the signal handlers the guard replaced."""
+
+    live: list[Lab] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    previous: dict[int, Any] = field(default_factory=dict)
+    pid: int = 0  # the process that installed the signal handlers
+    atexit_registered: bool = False
+
+
+_Guard = _GuardState()
+
+
+_GUARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def created_run_ids() -> tuple[str, ...]:
+    """Run ids of every lab this process has started building (for leak checks in test sessions)."""
+    return tuple(_Guard.created)
+
+
+def live_labs() -> tuple[Lab, ...]:
+    return tuple(_Guard.live)
+
+
+def _register_live(lab: Lab) -> None:
+    _Guard.live.append(lab)
+    _Guard.created.append(lab.run_id)
+    if not _Guard.atexit_registered:
+        atexit.register(teardown_all)
+        _Guard.atexit_registered = True
+    _install_signal_guard()
+
+
+def _unregister_live(lab: Lab) -> None:
+    with contextlib.suppress(ValueError):
+        _Guard.live.remove(lab)
+    if not _Guard.live:
+        _remove_signal_guard()
+
+
+def teardown_all() -> None:
+    """Close every live lab of this process (atexit, signal handler)."""
+    for lab in reversed(_Guard.live[:]):
+        try:
+            lab.close()
+        except Exception as e:  # keep going: the other labs must go too
+            log.error("teardown of lab %s failed: %s", lab.run_id, e)
+
+
+def _install_signal_guard() -> None:
+    # Signal handlers can only be set from the main thread; elsewhere atexit and __exit__ remain.
+    if _Guard.previous or threading.current_thread() is not threading.main_thread():
+        return
+    _Guard.pid = os.getpid()
+    for sig in _GUARDED_SIGNALS:
+        _Guard.previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, _on_signal)
+
+
+def _remove_signal_guard() -> None:
+    if threading.current_thread() is not threading.main_thread() or os.getpid() != _Guard.pid:
+        return
+    for sig, previous in list(_Guard.previous.items()):
+        if signal.getsignal(sig) is _on_signal:
+            signal.signal(sig, previous)
+        del _Guard.previous[sig]
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _Guard.pid:
+        # A forked child that inherited the handler: behave as if it had the default one.
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+        return
+    previous = _Guard.previous.get(signum, signal.SIG_DFL)
+    teardown_all()
+    _remove_signal_guard()
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        # Die from the signal as the process would have without us (exit status and all).
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)

@@ -1,0 +1,379 @@
+"""Lab topologies as pure data (mininet style): nodes, point-to-point links, addresses and routes. No I/O.
+
+Addressing follows two rules that make the lab honest:
+
+* The lab's "internet" uses only the RFC 5737 documentation ranges (TEST-NET-1/2/3); LANs use 10.0.0.0/8 and
+  100.64.0.0/10 (RFC 6598, for carrier-grade NAT). Nothing else can be expressed, so a lab can never address a
+  real host.
+* Core routers get static routes to every public (TEST-NET) subnet, computed by BFS over the router graph, and
+  *no* route to private space, as on the internet. A packet that escapes a NAT untranslated (e.g. a conntrack
+  INVALID one) is therefore dropped in the core instead of quietly reaching the peer.
+
+Hosts and NATs have a single default route: a host's via the peer of its first interface, a NAT's via the
+peer of its ``wan`` interface. A NAT has exactly the interfaces ``lan`` and ``wan`` (the profile's rules
+name them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Literal
+
+from rawpunch.lab.profiles import PROFILES, get_profile
+
+Role = Literal["host", "nat", "router"]
+ROLES: tuple[str, ...] = ("host", "nat", "router")
+
+#: RFC 5737 documentation ranges: the only "public" space the lab uses.
+PUBLIC_RANGES: tuple[IPv4Network, ...] = (
+    IPv4Network("192.0.2.0/24"),
+    IPv4Network("198.51.100.0/24"),
+    IPv4Network("203.0.113.0/24"),
+)
+#: LAN space: RFC 1918 10/8 and RFC 6598 shared address space (CGNAT).
+PRIVATE_RANGES: tuple[IPv4Network, ...] = (IPv4Network("10.0.0.0/8"), IPv4Network("100.64.0.0/10"))
+
+DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
+CORE_NET = IPv4Network("198.51.100.0/24")
+CORE_LINK_PREFIX = 30
+SERVER_NET = IPv4Network("203.0.113.0/24")
+SERVER_ADDR = IPv4Address("203.0.113.10")
+#: The core links of two_nats are /30s carved from 198.51.100.0/24: hops + 1 of them must fit.
+MAX_HOPS = 2 ** (CORE_LINK_PREFIX - CORE_NET.prefixlen) - 1
+
+# Node names become part of namespace names (rp-<run>-<node>) and of files: keep them boring.
+_NODE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+# Linux interface names: at most 15 bytes, no '/', no whitespace; keep to a safe alphabet.
+_IFNAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_.-]{0,14}$")
+
+
+def is_public(net: IPv4Network | IPv4Address) -> bool:
+    """True when *net* lies inside one of the TEST-NET ranges."""
+    if isinstance(net, IPv4Address):
+        net = IPv4Network(net)
+    return any(net.subnet_of(r) for r in PUBLIC_RANGES)
+
+
+def is_private(net: IPv4Network | IPv4Address) -> bool:
+    """True when *net* lies inside 10/8 or 100.64/10."""
+    if isinstance(net, IPv4Address):
+        net = IPv4Network(net)
+    return any(net.subnet_of(r) for r in PRIVATE_RANGES)
+
+
+@dataclass(frozen=True)
+class Node:
+    """A namespace of the lab. NATs carry the name of their profile (see profiles.PROFILES)."""
+
+    name: str
+    role: Role
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _NODE_NAME.match(self.name):
+            raise ValueError(f"node name {self.name!r}: use 1-32 of [a-z0-9-], starting with a letter")
+        if self.role not in ROLES:
+            raise ValueError(f"node {self.name!r}: role {self.role!r} is not one of {ROLES}")
+        if self.role == "nat":
+            if self.profile is None:
+                raise ValueError(
+                    f"NAT node {self.name!r} needs a profile; known: {', '.join(sorted(PROFILES))}"
+                )
+            get_profile(self.profile)
+        elif self.profile is not None:
+            raise ValueError(f"node {self.name!r}: only NAT nodes have a profile (role is {self.role!r})")
+
+
+@dataclass(frozen=True)
+class Link:
+    """A point-to-point link (a veth pair) between nodes *a* and *b*."""
+
+    a: str
+    b: str
+    subnet: IPv4Network
+    a_addr: IPv4Address
+    b_addr: IPv4Address
+    a_ifname: str
+    b_ifname: str
+
+    def __post_init__(self) -> None:
+        where = f"link {self.a}:{self.a_ifname} -- {self.b}:{self.b_ifname}"
+        if self.a == self.b:
+            raise ValueError(f"{where}: a link needs two different nodes")
+        if not (is_public(self.subnet) or is_private(self.subnet)):
+            raise ValueError(
+                f"{where}: subnet {self.subnet} is outside the allowed ranges "
+                f"(TEST-NET {', '.join(map(str, PUBLIC_RANGES))}; LAN {', '.join(map(str, PRIVATE_RANGES))})"
+            )
+        usable = set(self.subnet.hosts())
+        for addr in (self.a_addr, self.b_addr):
+            if addr not in usable:
+                raise ValueError(f"{where}: address {addr} is not a usable host address of {self.subnet}")
+        if self.a_addr == self.b_addr:
+            raise ValueError(f"{where}: both ends have address {self.a_addr}")
+        for ifname in (self.a_ifname, self.b_ifname):
+            if not _IFNAME.match(ifname):
+                raise ValueError(f"{where}: interface name {ifname!r} is invalid (1-15 of [a-zA-Z0-9_.-])")
+
+    @property
+    def public(self) -> bool:
+        return is_public(self.subnet)
+
+    def end(self, node: str) -> tuple[str, IPv4Address, str, IPv4Address]:
+        """(ifname, address, peer node, peer address) seen from *node*."""
+        if node == self.a:
+            return self.a_ifname, self.a_addr, self.b, self.b_addr
+        if node == self.b:
+            return self.b_ifname, self.b_addr, self.a, self.a_addr
+        raise ValueError(f"node {node!r} is not an end of link {self.a} -- {self.b}")
+
+
+@dataclass(frozen=True)
+class Interface:
+    """One end of a link, seen from its node."""
+
+    node: str
+    ifname: str
+    address: IPv4Interface
+    peer: str
+    peer_address: IPv4Address
+
+
+@dataclass(frozen=True)
+class Route:
+    """A static route; the default route has ``dest == 0.0.0.0/0``."""
+
+    dest: IPv4Network
+    gateway: IPv4Address
+
+    @property
+    def is_default(self) -> bool:
+        return self.dest == DEFAULT_ROUTE
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Nodes and links; validated on construction, routes derived from them."""
+
+    nodes: tuple[Node, ...]
+    links: tuple[Link, ...]
+    _routes: dict[str, tuple[Route, ...]] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+        object.__setattr__(self, "_routes", _compute_routes(self))
+
+    # --- queries -------------------------------------------------------------------------------------------
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node {name!r} in topology (nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def interfaces(self, name: str) -> tuple[Interface, ...]:
+        """The node's interfaces, in link order."""
+        self.node(name)
+        result = []
+        for link in self.links:
+            if name in (link.a, link.b):
+                ifname, addr, peer, peer_addr = link.end(name)
+                iface = IPv4Interface(f"{addr}/{link.subnet.prefixlen}")
+                result.append(Interface(name, ifname, iface, peer, peer_addr))
+        return tuple(result)
+
+    def interface(self, name: str, ifname: str) -> Interface:
+        for iface in self.interfaces(name):
+            if iface.ifname == ifname:
+                return iface
+        raise KeyError(f"node {name!r} has no interface {ifname!r}")
+
+    def address(self, name: str) -> IPv4Address:
+        """The primary address: a NAT's LAN address (its hosts' gateway), else that of the first interface."""
+        if self.node(name).role == "nat":
+            return self.interface(name, "lan").address.ip
+        return self.interfaces(name)[0].address.ip
+
+    def public_address(self, nat_name: str) -> IPv4Address:
+        """A NAT's WAN address: the source its LAN hosts appear to have."""
+        if self.node(nat_name).role != "nat":
+            raise ValueError(f"node {nat_name!r} is not a NAT")
+        return self.interface(nat_name, "wan").address.ip
+
+    def routes(self, name: str) -> tuple[Route, ...]:
+        """Static routes beyond the connected ones (the kernel adds those)."""
+        self.node(name)
+        return self._routes[name]
+
+    def neighbours(self, name: str) -> Iterator[str]:
+        for iface in self.interfaces(name):
+            yield iface.peer
+
+    # --- validation ----------------------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        names = [n.name for n in self.nodes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate node names: {', '.join(duplicates)}")
+        known = set(names)
+        for link in self.links:
+            for end in (link.a, link.b):
+                if end not in known:
+                    raise ValueError(f"link {link.a} -- {link.b}: unknown node {end!r}")
+        self._validate_addressing()
+        for n in self.nodes:
+            self._validate_node(n)
+
+    def _validate_addressing(self) -> None:
+        seen: dict[IPv4Address, str] = {}
+        for link in self.links:
+            for node, addr in ((link.a, link.a_addr), (link.b, link.b_addr)):
+                if addr in seen:
+                    raise ValueError(f"address {addr} used twice ({seen[addr]} and {node})")
+                seen[addr] = node
+        subnets = [link.subnet for link in self.links]
+        for i, s in enumerate(subnets):
+            for t in subnets[i + 1 :]:
+                if s.overlaps(t):
+                    raise ValueError(f"link subnets {s} and {t} overlap")
+
+    def _validate_node(self, node: Node) -> None:
+        ifaces = self.interfaces(node.name)
+        if not ifaces:
+            raise ValueError(f"node {node.name!r} has no links")
+        ifnames = [i.ifname for i in ifaces]
+        if len(set(ifnames)) != len(ifnames):
+            raise ValueError(f"node {node.name!r} has duplicate interface names: {ifnames}")
+        if node.role == "nat" and sorted(ifnames) != ["lan", "wan"]:
+            raise ValueError(
+                f"NAT {node.name!r} must have exactly the interfaces 'lan' and 'wan', has {ifnames}"
+            )
+        if node.role == "router":
+            private = [str(i.address.network) for i in ifaces if not is_public(i.address.network)]
+            if private:
+                # The core must not know private space; a router on a LAN would route it.
+                raise ValueError(f"core router {node.name!r} is on non-TEST-NET subnets {private}")
+
+
+def _compute_routes(topo: Topology) -> dict[str, tuple[Route, ...]]:
+    routes: dict[str, tuple[Route, ...]] = {}
+    for node in topo.nodes:
+        if node.role == "router":
+            routes[node.name] = _router_routes(topo, node.name)
+        else:
+            gw_iface = (
+                topo.interface(node.name, "wan") if node.role == "nat" else topo.interfaces(node.name)[0]
+            )
+            routes[node.name] = (Route(DEFAULT_ROUTE, gw_iface.peer_address),)
+    return routes
+
+
+def _router_routes(topo: Topology, router: str) -> tuple[Route, ...]:
+    """Routes to every public subnet not directly attached, via the first hop of a BFS over core routers."""
+    first_hop = _bfs_first_hops(topo, router)  # router -> (distance, gateway address)
+    attached = {i.address.network for i in topo.interfaces(router)}
+    result = []
+    for subnet in dict.fromkeys(link.subnet for link in topo.links if link.public):
+        if subnet in attached:
+            continue
+        candidates = [first_hop[r] for r in _routers_on(topo, subnet) if r in first_hop]
+        if not candidates:
+            raise ValueError(
+                f"core router {router!r} cannot reach public subnet {subnet}: the core is disconnected"
+            )
+        _distance, gateway = min(candidates, key=lambda c: c[0])
+        result.append(Route(subnet, gateway))
+    return tuple(result)
+
+
+def _routers_on(topo: Topology, subnet: IPv4Network) -> list[str]:
+    routers = {n.name for n in topo.nodes if n.role == "router"}
+    return [end for link in topo.links if link.subnet == subnet for end in (link.a, link.b) if end in routers]
+
+
+def _bfs_first_hops(topo: Topology, start: str) -> dict[str, tuple[int, IPv4Address]]:
+    """Each other router reachable over router-router links: (hops, address of the first-hop neighbour)."""
+    routers = {n.name for n in topo.nodes if n.role == "router"}
+    result: dict[str, tuple[int, IPv4Address]] = {}
+    queue: deque[tuple[str, int, IPv4Address | None]] = deque([(start, 0, None)])
+    visited = {start}
+    while queue:
+        current, distance, gateway = queue.popleft()
+        for iface in topo.interfaces(current):
+            if iface.peer not in routers or iface.peer in visited:
+                continue
+            visited.add(iface.peer)
+            hop = gateway if gateway is not None else iface.peer_address
+            result[iface.peer] = (distance + 1, hop)
+            queue.append((iface.peer, distance + 1, hop))
+    return result
+
+
+# --- builders ----------------------------------------------------------------------------------------------
+
+
+def _core_subnets(count: int) -> list[IPv4Network]:
+    subnets = list(CORE_NET.subnets(new_prefix=CORE_LINK_PREFIX))
+    if count > len(subnets):
+        raise ValueError(f"{count} core links do not fit in {CORE_NET} as /{CORE_LINK_PREFIX}s")
+    return subnets[:count]
+
+
+def _p2p(a: str, a_if: str, b: str, b_if: str, subnet: IPv4Network) -> Link:
+    """A link whose *a* end gets the first usable address of *subnet* and *b* the second."""
+    hosts = subnet.hosts()
+    return Link(a, b, subnet, next(hosts), next(hosts), a_if, b_if)
+
+
+def two_nats(hops: int = 2, profile_a: str = "eim-apdf", profile_b: str = "eim-apdf") -> Topology:
+    """Two hosts behind two NATs, *hops* core routers between the NATs, a server on the middle router::
+
+        a -- nat-a [lan | wan] -- r1 -- ... -- rN -- [wan | lan] nat-b -- b
+                                       |
+                     server (203.0.113.10) on r((N+1)//2)
+
+    a is 10.0.1.2 behind nat-a's 10.0.1.1, b is 10.0.2.2 behind nat-b's 10.0.2.1; the WAN and core links are
+    /30s of 198.51.100.0/24. With hops >= 2, a packet from a with TTL 2 passes nat-a and expires at r1, before
+    it could reach nat-b: the low-TTL priming of a NAT mapping is possible.
+    """
+    if isinstance(hops, bool) or not isinstance(hops, int):
+        raise ValueError(f"hops must be an int, got {hops!r}")
+    if not 1 <= hops <= MAX_HOPS:
+        raise ValueError(f"hops must be between 1 and {MAX_HOPS} (core routers between the NATs), got {hops}")
+    get_profile(profile_a)
+    get_profile(profile_b)
+
+    routers = [f"r{i}" for i in range(1, hops + 1)]
+    middle = routers[(hops + 1) // 2 - 1]
+    nodes = (
+        Node("a", "host"),
+        Node("nat-a", "nat", profile_a),
+        *(Node(r, "router") for r in routers),
+        Node("nat-b", "nat", profile_b),
+        Node("b", "host"),
+        Node("server", "host"),
+    )
+    chain = ["nat-a", *routers, "nat-b"]
+    next_if = {r: 0 for r in routers}
+
+    def ifname(node: str, nat_side: str) -> str:
+        if node in next_if:
+            name = f"eth{next_if[node]}"
+            next_if[node] += 1
+            return name
+        return nat_side
+
+    # A NAT's LAN side gets .1 (the gateway), its host .2.
+    links = [_p2p("nat-a", "lan", "a", "eth0", IPv4Network("10.0.1.0/24"))]
+    for (left, right), subnet in zip(itertools.pairwise(chain), _core_subnets(hops + 1), strict=True):
+        links.append(_p2p(left, ifname(left, "wan"), right, ifname(right, "wan"), subnet))
+    links.append(_p2p("nat-b", "lan", "b", "eth0", IPv4Network("10.0.2.0/24")))
+    router_addr = next(SERVER_NET.hosts())
+    links.append(Link(middle, "server", SERVER_NET, router_addr, SERVER_ADDR, ifname(middle, ""), "eth0"))
+    return Topology(nodes, tuple(links))

@@ -1,0 +1,144 @@
+"""asyncio adapter of the rendezvous server: one UDP socket, one TCP discovery listener.
+
+All protocol decisions live in ``rawpunch.proto.server.ServerCore``; this module only moves
+bytes, reads the clock and keeps the TCP side bounded (concurrent connections, read deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import struct
+from typing import Any, cast
+
+from rawpunch.proto import codec
+from rawpunch.proto.client import frame
+from rawpunch.proto.errors import MalformedMessage, RemoteProtocolError
+from rawpunch.proto.server import ServerConfig, ServerCore
+
+log = logging.getLogger("rawpunch.server")
+
+TCP_READ_TIMEOUT = 5.0
+MAX_TCP_CONNECTIONS = 256
+
+
+class ServerStartError(Exception):
+    """The server could not bind its sockets; the message says what to do."""
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: RendezvousServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        assert self.transport is not None
+        now = asyncio.get_running_loop().time()
+        for out, dst in self.server.core.receive_datagram(data, (addr[0], addr[1]), now):
+            self.transport.sendto(out, dst)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp error: %s", exc)
+
+
+class RendezvousServer:
+    """``async with RendezvousServer("0.0.0.0", 3478) as srv: await srv.serve_forever()``."""
+
+    def __init__(self, host: str, port: int, tcp_port: int | None = None, **config: Any) -> None:
+        self.host = host
+        self.port = port
+        self.tcp_port = port if tcp_port is None else tcp_port
+        self._config = config
+        self.core: ServerCore
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(MAX_TCP_CONNECTIONS)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tcp = await self._bind("TCP", asyncio.start_server(self._on_tcp, self.host, self.tcp_port))
+        self.tcp_port = self._tcp.sockets[0].getsockname()[1]
+        self.core = ServerCore(ServerConfig(tcp_port=self.tcp_port, **self._config), loop.time())
+        transport, _ = await self._bind(
+            "UDP",
+            loop.create_datagram_endpoint(lambda: _UdpProtocol(self), local_addr=(self.host, self.port)),
+        )
+        self._udp = transport
+        self.port = transport.get_extra_info("sockname")[1]
+        self._timer = asyncio.create_task(self._run_timer())
+        log.info("listening on %s udp %d, tcp discovery %d", self.host, self.port, self.tcp_port)
+
+    async def _bind(self, proto: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                port = self.port if proto == "UDP" else self.tcp_port
+                raise ServerStartError(
+                    f"{proto} port {port} on {self.host} is in use: "
+                    "stop the other program or choose another port (--listen HOST:PORT, --tcp-port)"
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ServerStartError(f"{self.host} is not an address of this machine") from None
+            raise ServerStartError(f"cannot listen on {self.host} {proto}: {exc.strerror}") from None
+
+    async def _run_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.0, self.core.get_timer() - loop.time()))
+            self.core.handle_timer(loop.time())
+
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if self._slots.locked():
+            log.warning("tcp discovery from %s refused: %d connections open", peer, MAX_TCP_CONNECTIONS)
+            writer.close()
+            return
+        async with self._slots:
+            try:
+                data = await asyncio.wait_for(_read_frame(reader), TCP_READ_TIMEOUT)
+                now = asyncio.get_running_loop().time()
+                writer.write(frame(self.core.receive_discovery(data, (peer[0], peer[1]), now)))
+                await writer.drain()
+            except (RemoteProtocolError, TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                self.core.stats[f"tcp_dropped_{type(exc).__name__}"] += 1
+                log.debug("tcp discovery from %s dropped: %s", peer, exc or type(exc).__name__)
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+
+    async def serve_forever(self) -> None:
+        assert self._tcp is not None
+        await self._tcp.serve_forever()
+
+    async def close(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        if self._udp:
+            self._udp.close()
+        if self._tcp:
+            self._tcp.close()
+            await self._tcp.wait_closed()
+        if hasattr(self, "core"):
+            log.info("stopped; counters: %s", dict(sorted(self.core.stats.items())))
+
+    async def __aenter__(self) -> RendezvousServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    (length,) = struct.unpack("!H", await reader.readexactly(2))
+    if not codec.MIN_MESSAGE_LEN <= length <= codec.MAX_MESSAGE_LEN:
+        raise MalformedMessage(f"TCP frame of {length} bytes")
+    return await reader.readexactly(length)
