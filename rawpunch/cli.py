@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -29,10 +30,18 @@ DEFAULT_PORT = 3478
 
 
 def parse_endpoint(text: str) -> Endpoint:
+    """``HOST:PORT`` (port defaults to 3478); a host name is resolved once, here."""
     try:
         return Endpoint.parse(text, DEFAULT_PORT)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        host, _, port = text.rpartition(":") if ":" in text else (text, "", str(DEFAULT_PORT))
+        if not port.isdigit():
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        try:
+            infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as err:
+            raise argparse.ArgumentTypeError(f"cannot resolve {host!r}: {err}") from None
+        return Endpoint(str(infos[0][4][0]), int(port))
 
 
 def _add_server(sub: Any) -> None:

@@ -1,7 +1,7 @@
 """Shared test plumbing: the ``root`` marker, network-namespace lab fixtures, and a lab leak check.
 
-* Tests marked ``root`` are skipped, with the reason, only when not running as root; CI runs as root, so they run
-  there.
+* Tests marked ``root`` are skipped, with the reason, only when not running as root; CI runs as root, so
+  they run there.
 * ``lab_factory(topology)`` builds a lab and tears it down after the test, pass or fail; ``two_nat_lab`` is a
   built ``two_nats()`` lab, parametrisable indirectly with a profile name (both NATs) or a dict of
   ``two_nats`` keyword arguments::

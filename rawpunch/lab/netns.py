@@ -25,6 +25,7 @@ import secrets
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -166,7 +167,7 @@ class Lab:
         self.run_id = run_id
         self.namespaces: dict[str, str] = {n.name: netns_name(run_id, n.name) for n in topology.nodes}
         self._state = "new"  # new -> building -> running -> closed
-        self._owner_pid = os.getpid()
+        self._owner_pid = os.getpid()  # set again by build(): only the builder tears down
         self._procs: list[tuple[subprocess.Popen[Any], bool]] = []
         self._nats_configured: list[str] = []
 
@@ -182,7 +183,14 @@ class Lab:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as teardown_error:
+            # Do not mask the body's exception; attach the teardown failure to it instead.
+            exc.add_note(f"lab {self.run_id} teardown also failed: {teardown_error}")
 
     # --- access ------------------------------------------------------------------------------------------
 
@@ -227,6 +235,7 @@ class Lab:
                 f"lab run id {self.run_id} is in use (namespaces: {taken or 'registry only'})"
             )
         self._state = "building"
+        self._owner_pid = os.getpid()
         _register_live(self)
         try:
             # The record comes first: from here on, a SIGKILL leaves something clean_labs can find.
@@ -319,9 +328,10 @@ class Lab:
         procs, self._procs = self._procs, []
         for proc, own_group in procs:
             _signal_proc(proc, own_group, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S  # one grace period for all, not one each
         for proc, own_group in procs:
             try:
-                proc.wait(timeout=STOP_GRACE_S)
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
             except subprocess.TimeoutExpired:
                 _signal_proc(proc, own_group, signal.SIGKILL)
                 proc.wait()
@@ -376,6 +386,7 @@ class _GuardState:
     live: list[Lab] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     previous: dict[int, Any] = field(default_factory=dict)
+    installed: bool = False
     pid: int = 0  # the process that installed the signal handlers
     atexit_registered: bool = False
 
@@ -422,11 +433,15 @@ def teardown_all() -> None:
 
 def _install_signal_guard() -> None:
     # Signal handlers can only be set from the main thread; elsewhere atexit and __exit__ remain.
-    if _Guard.previous or threading.current_thread() is not threading.main_thread():
+    if _Guard.installed or threading.current_thread() is not threading.main_thread():
         return
+    _Guard.installed = True
     _Guard.pid = os.getpid()
     for sig in _GUARDED_SIGNALS:
-        _Guard.previous[sig] = signal.getsignal(sig)
+        previous = signal.getsignal(sig)
+        if previous == signal.SIG_IGN:
+            continue  # e.g. SIGHUP under nohup: the process survives it, so must the labs
+        _Guard.previous[sig] = previous
         signal.signal(sig, _on_signal)
 
 
@@ -437,6 +452,7 @@ def _remove_signal_guard() -> None:
         if signal.getsignal(sig) is _on_signal:
             signal.signal(sig, previous)
         del _Guard.previous[sig]
+    _Guard.installed = False
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:

@@ -189,12 +189,13 @@ def _child(
         data = pickle.dumps(result)
     except BaseException as e:
         tb = traceback.format_exc()
+        # SystemExit/KeyboardInterrupt re-raised in the parent would end the parent: report, do not relay.
+        relayed = e if isinstance(e, Exception) else RuntimeError(f"{type(e).__name__} {e}".strip())
         try:
-            data = pickle.dumps(("err", e, tb))
+            data = pickle.dumps(("err", relayed, tb))
         except Exception:
-            data = pickle.dumps(
-                ("err", RuntimeError(f"{type(e).__name__}: {e} (exception not picklable)"), tb)
-            )
+            unpicklable = RuntimeError(f"{type(e).__name__}: {e} (exception not picklable)")
+            data = pickle.dumps(("err", unpicklable, tb))
     try:
         with open(write_fd, "wb") as out:
             out.write(data)

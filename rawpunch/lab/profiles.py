@@ -54,7 +54,8 @@ def _rule(spec: str, comment: str) -> str:
     """One ``-A`` line of iptables-restore input with the lab's comment tag."""
     if '"' in comment:
         raise ValueError(f"iptables comment must not contain a double quote: {comment!r}")
-    return f'-A {spec} -m comment --comment "{COMMENT_TAG} {comment}"'
+    matches, target = spec.rsplit(" -j ", 1)
+    return f'-A {matches} -m comment --comment "{COMMENT_TAG} {comment}" -j {target}'
 
 
 def _table(name: str, rules: list[str], policies: dict[str, str] | None = None) -> list[str]:

@@ -57,7 +57,7 @@ def tcp_exchange(host: str, port: int, payload: bytes) -> tuple[str, tuple[str, 
 
 
 def connect_outcome(host: str, port: int, timeout: float) -> str:
-    """"connected", "refused" (RST), "timeout" (silence) or "error:<ERRNO>" (e.g. an ICMP unreachable)."""
+    """ "connected", "refused" (RST), "timeout" (silence) or "error:<ERRNO>" (e.g. an ICMP unreachable)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:

@@ -192,6 +192,8 @@ def test_fuzzed_server_still_pairs_two_peers() -> None:
 def test_peer_without_a_server_says_so() -> None:
     with Lab(two_nats(hops=1)) as lab:
         # Nothing listens on this port of the server node: the peer must give up with a clear line.
-        run = run_peers(lab, Endpoint(str(lab.node("server").address), 3999), "s", nodes=("a",), timeout=30)["a"]
+        run = run_peers(lab, Endpoint(str(lab.node("server").address), 3999), "s", nodes=("a",), timeout=30)[
+            "a"
+        ]
         assert run.returncode == 1
         assert "no answer from the rendezvous server 203.0.113.10:3999" in run.stderr
