@@ -1,0 +1,1 @@
+"""The punch: crafted TCP handshakes between two NATed peers, and the adapters around them."""
