@@ -109,7 +109,8 @@ class _Request:
     next_send: float
     rto: float
     last_heard: float
-    sent: dict[bytes, float] = field(default_factory=dict)  # txid -> time sent
+    sent: dict[bytes, float] = field(default_factory=dict)  # txid -> time sent, not yet answered
+    parked: set[bytes] = field(default_factory=set)  # answered PENDING: only a pushed final answer may follow
     polling: bool = False
 
 
@@ -187,16 +188,26 @@ class ClientCore:
         """Take one datagram from the server. Raises ``RemoteProtocolError`` (state untouched)."""
         msg = self._decode(data)
         req = self._request
-        if req is None or msg.transaction_id not in req.sent:
+        txid = msg.transaction_id
+        parked = req is not None and txid in req.parked and msg.type in _PUSHED_ANSWERS
+        if req is None or not (txid in req.sent or parked):
             raise ReplayError(f"{msg.type.name} answers no outstanding request (late, duplicate or replayed)")
         handler = TRANSITIONS.get((self.state, msg.type))
         if handler is None:
             raise UnexpectedMessage(f"{msg.type.name} is not expected while {self.state.value}")
+        rtt, sent = self.rtt, req.sent.pop(txid, None)  # each transmission is answered once ...
+        if msg.type is MessageType.PENDING:
+            req.parked.add(txid)  # ... except that a PENDING one may later get the pushed answer
+        if sent is not None and msg.type in _DIRECT_ANSWERS:
+            self.rtt = now - sent if rtt is None else min(rtt, now - sent)
+        try:
+            handler(self, msg, now)
+        except UnexpectedMessage:  # rejected: leave everything as it was
+            self.rtt = rtt
+            if sent is not None:
+                req.sent[txid] = sent
+            raise
         req.last_heard = now
-        if msg.type in _DIRECT_ANSWERS:
-            sample = now - req.sent[msg.transaction_id]
-            self.rtt = sample if self.rtt is None else min(self.rtt, sample)
-        handler(self, msg, now)
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         out, self._outbox = self._outbox, []
@@ -249,7 +260,7 @@ class ClientCore:
         self._request = _Request(mtype, attrs, now, now, self.config.initial_rto, now)
         self._transmit(now)
 
-    def _transmit(self, now: float) -> None:
+    def _transmit(self, now: float, backoff: bool = True) -> None:
         req = self._request
         assert req is not None
         txid = self._txids.next()
@@ -264,7 +275,8 @@ class ClientCore:
             req.next_send = now + self.config.poll_interval
         else:
             req.next_send = now + req.rto
-            req.rto = min(req.rto * 2, self.config.max_rto)
+            if backoff:
+                req.rto = min(req.rto * 2, self.config.max_rto)
 
     def _padded(
         self, txid: bytes, attrs: tuple[tuple[Attr, codec.AttrValue], ...]
@@ -291,7 +303,7 @@ class ClientCore:
 
     def _on_cookie(self, msg: Message, now: float) -> None:
         self._cookie = msg.get(Attr.COOKIE)
-        self._transmit(now)
+        self._transmit(now, backoff=False)  # the server did answer: no reason to back off
 
     def _on_pending(self, msg: Message, now: float) -> None:
         req = self._request
@@ -301,6 +313,10 @@ class ClientCore:
             req.next_send = now + self.config.poll_interval
 
     def _on_registered(self, msg: Message, now: float) -> None:
+        if msg.get(Attr.SLOT) not in (0, 1):
+            raise UnexpectedMessage(
+                f"REGISTERED names slot {msg.get(Attr.SLOT)}; a session has slots 0 and 1"
+            )
         self.slot = msg.get(Attr.SLOT)
         self._token = msg.get(Attr.TOKEN)
         self._finish(
@@ -335,6 +351,7 @@ class ClientCore:
         )
 
 
+_PUSHED_ANSWERS = frozenset({MessageType.PEER, MessageType.GO, MessageType.ERROR})
 _DIRECT_ANSWERS = frozenset(
     {
         MessageType.COOKIE,

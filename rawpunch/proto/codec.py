@@ -109,7 +109,11 @@ class Endpoint:
     port: int
 
     def __post_init__(self) -> None:
-        ipaddress.ip_address(self.host)  # raises ValueError on junk
+        # Canonical text (raises ValueError on junk), so equal addresses compare equal.
+        address = ipaddress.ip_address(self.host)
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+            raise ValueError(f"{self.host}: a scoped IPv6 address cannot travel in a message")
+        object.__setattr__(self, "host", str(address))
         if not 0 <= self.port <= 0xFFFF:
             raise ValueError(f"port {self.port} out of range")
 

@@ -60,6 +60,7 @@ log = logging.getLogger("rawpunch.server")
 
 Addr = tuple[str, int]
 Outgoing = list[tuple[bytes, Addr]]
+MAX_RTT = 5.0  # seconds; a reported RTT above this is clamped
 
 
 @dataclass
@@ -107,7 +108,8 @@ class Peer:
         self.last_seen = now
         self.tcp: dict[int, Endpoint] = {}
         self.sealed: bytes | None = None
-        self.waiting: bytes | None = None  # txid of the latest long-poll awaiting a push
+        # The latest long poll awaiting a push: its type (INFO or READY) and transaction id.
+        self.waiting: tuple[MessageType, bytes] | None = None
         self.ready = False
         self.result: ResultInfo | None = None
 
@@ -275,11 +277,12 @@ class ServerCore:
 
     def _handle(self, data: bytes, addr: Addr, now: float) -> Outgoing:
         msg, session = self._authenticate(data)
+        if msg.type is MessageType.DISCOVER:
+            raise UnexpectedMessage("DISCOVER is only valid on the TCP discovery port")
         try:
             age = self._cookie_age(msg.get(Attr.COOKIE), addr, msg.session_id, now)
         except StaleCookie as exc:
             # The source is not validated: answer only if the answer is no larger than the request.
-            self.stats["cookies_sent"] += 1
             log.debug("cookie to %s: %s", _fmt(addr), exc)
             reply = self._reply_key(
                 control_key(msg.session_id) if session is None else session.key,
@@ -287,7 +290,11 @@ class ServerCore:
                 MessageType.COOKIE,
                 ((Attr.COOKIE, self._cookie(addr, msg.session_id, now)),),
             )
-            return [(reply, addr)] if len(reply) <= len(data) else []
+            if len(reply) > len(data):
+                self.stats["cookies_withheld"] += 1
+                return []
+            self.stats["cookies_sent"] += 1
+            return [(reply, addr)]
         if msg.type is MessageType.REGISTER:
             return self._register(session, msg, addr, age, now)
         peer = session.by_addr(addr) if session else None
@@ -325,7 +332,7 @@ class ServerCore:
             (Attr.MAPPED_UDP, Endpoint(*addr)),
             (Attr.TCP_PORT, self.config.tcp_port),
             (Attr.TOKEN, peer.token),
-            (Attr.RTT_MS, int(peer.rtt * 1000)),
+            (Attr.RTT_MS, round(peer.rtt * 1000)),
         )
         return [(self._reply(session, msg, MessageType.REGISTERED, attrs), addr)]
 
@@ -384,21 +391,21 @@ class ServerCore:
         peer.sealed = msg.get(Attr.SEALED)
         other = session.other(peer)
         if other is None or other.sealed is None:
-            peer.waiting = msg.transaction_id
+            peer.waiting = (MessageType.INFO, msg.transaction_id)
             return [(self._reply(session, msg, MessageType.PENDING, ()), peer.addr)]
         out = [(self._peer_message(session, msg, other), peer.addr)]
-        if other.waiting is not None:
+        if _polls(other, MessageType.INFO):
             log.info("paired session=%s: peer info exchanged", _sid(session))
             out.append((self._push(session, other, MessageType.PEER, self._peer_attrs(peer)), other.addr))
         return out
 
     def _ready(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
-        if msg.get(Attr.RTT_MS) is not None:
-            peer.rtt = msg.get(Attr.RTT_MS) / 1000
+        if msg.get(Attr.RTT_MS) is not None:  # bounded: a peer must not stall the other's GO
+            peer.rtt = min(msg.get(Attr.RTT_MS) / 1000, MAX_RTT)
         peer.ready = True
         other = session.other(peer)
         if other is None or not other.ready:
-            peer.waiting = msg.transaction_id
+            peer.waiting = (MessageType.READY, msg.transaction_id)
             return [(self._reply(session, msg, MessageType.PENDING, ()), peer.addr)]
         out = []
         if session.fire_at is None:
@@ -406,7 +413,7 @@ class ServerCore:
             log.info(
                 "go session=%s: one-way delays %.1f / %.1f ms", _sid(session), peer.rtt * 500, other.rtt * 500
             )
-            if other.waiting is not None:
+            if _polls(other, MessageType.READY):
                 out.append(
                     (
                         self._push(session, other, MessageType.GO, self._go_attrs(session, other, now)),
@@ -431,9 +438,6 @@ class ServerCore:
         )
         return [(self._reply(session, msg, MessageType.RESULT_ACK, ()), peer.addr)]
 
-    def _wrong_type(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
-        raise UnexpectedMessage(f"{msg.type.name} is only valid on the TCP discovery port")
-
     # --- building replies ------------------------------------------------------------------------
 
     def _peer_attrs(self, of: Peer) -> tuple[tuple[Attr, codec.AttrValue], ...]:
@@ -453,7 +457,7 @@ class ServerCore:
         self, session: Session, to: Peer, mtype: MessageType, attrs: tuple[tuple[Attr, codec.AttrValue], ...]
     ) -> bytes:
         assert to.waiting is not None
-        txid, to.waiting = to.waiting, None
+        (_, txid), to.waiting = to.waiting, None
         return codec.encode(Message(mtype, txid, session.sid, attrs), session.key)
 
     def _reply(
@@ -481,8 +485,12 @@ _HANDLERS = {
     MessageType.INFO: ServerCore._info,
     MessageType.READY: ServerCore._ready,
     MessageType.RESULT: ServerCore._result,
-    MessageType.DISCOVER: ServerCore._wrong_type,
 }
+
+
+def _polls(peer: Peer, mtype: MessageType) -> bool:
+    """Is ``peer`` waiting in a long poll of this type (a push must answer the right question)?"""
+    return peer.waiting is not None and peer.waiting[0] is mtype
 
 
 def _sid(session: Session) -> str:

@@ -186,22 +186,29 @@ def reply_attrs(mtype: MessageType, *, my_slot: int = 0) -> tuple[tuple[Attr, An
     }[mtype]
 
 
+def server_message(
+    mtype: MessageType,
+    txid: bytes,
+    attrs: tuple[tuple[Attr, Any], ...] | None = None,
+    keys: SessionKeys = KEYS,
+) -> bytes:
+    """A server message of type ``mtype`` for transaction ``txid``, with typical attributes by default."""
+    msg = Message(mtype, txid, keys.session_id, reply_attrs(mtype) if attrs is None else attrs)
+    return codec.encode(msg, keys.control_key)
+
+
 def reply_to(
     request: bytes,
     mtype: MessageType,
     attrs: tuple[tuple[Attr, Any], ...] | None = None,
     keys: SessionKeys = KEYS,
-    txid: bytes | None = None,
 ) -> bytes:
-    """The server's answer of type ``mtype`` to ``request`` (to its transaction id unless ``txid``)."""
-    head = codec.peek_header(request)
-    msg = Message(
-        mtype,
-        txid or head.transaction_id,
-        keys.session_id,
-        reply_attrs(mtype) if attrs is None else attrs,
-    )
-    return codec.encode(msg, keys.control_key)
+    """The server's answer of type ``mtype`` to ``request``."""
+    return server_message(mtype, codec.peek_header(request).transaction_id, attrs, keys)
+
+
+def txid_of(data: bytes) -> bytes:
+    return codec.peek_header(data).transaction_id
 
 
 def decode_sent(data: bytes, keys: SessionKeys = KEYS) -> Message:
@@ -227,7 +234,7 @@ class Driven:
         self.request = out[0]
         return out[0]
 
-    def answer(self, mtype: MessageType, delay: float = 0.05) -> None:
+    def answer(self, mtype: MessageType, delay: float = 0.125) -> None:
         assert self.request is not None
         self.now += delay
         self.client.receive_datagram(reply_to(self.request, mtype), self.now)
@@ -268,7 +275,7 @@ def _answer(mtype: MessageType) -> Step:
 
 _PATHS: dict[ClientState, list[Step]] = {S.IDLE: []}
 _PATHS[S.REGISTERING] = [_register]
-_PATHS[S.REGISTERED] = [*_PATHS[S.REGISTERING], _answer(M.REGISTERED)]
+_PATHS[S.REGISTERED] = [*_PATHS[S.REGISTERING], _answer(M.COOKIE), _answer(M.REGISTERED)]
 _PATHS[S.EXCHANGING] = [*_PATHS[S.REGISTERED], _exchange]
 _PATHS[S.PAIRED] = [*_PATHS[S.EXCHANGING], _answer(M.PEER)]
 _PATHS[S.READYING] = [*_PATHS[S.PAIRED], _ready]
@@ -280,7 +287,8 @@ assert set(_PATHS) == set(ClientState)
 
 
 def client_in(state: ClientState, now: float = 100.0, **config: Any) -> Driven:
-    """A client brought into ``state`` the shortest way, by a scripted server answering at once."""
+    """A client brought into ``state`` the shortest way (with a cookie from REGISTERED on, as from a
+    real server), by a scripted server that answers every request ``Driven.answer`` delay later."""
     driven = Driven(ClientCore(client_config(**config)), None, now)
     for step in _PATHS[state]:
         step(driven)
@@ -386,7 +394,9 @@ class Rendezvous:
         for app in self.apps:
             app.core.register(self.now)
             self._flush(app)
-        while not all(app.finished() for app in self.apps):
+        for _ in range(100_000):
+            if all(app.finished() for app in self.apps):
+                return
             candidates = [
                 t
                 for t in (
@@ -411,6 +421,7 @@ class Rendezvous:
                 app.core.handle_timer(self.now)
                 self._drain(app)
             self.server.handle_timer(self.now)
+        raise AssertionError(f"no end after 100000 steps, at {self.now} s")
 
     def _server_receives(self, src: Addr, data: bytes) -> None:
         for out, dst in self.server.receive_datagram(data, src, self.now):
