@@ -27,6 +27,7 @@ from rawpunch.proto.peerinfo import Capability, PeerInfo
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_ROOT, EXIT_INTERRUPTED = 1, 2, 3, 130
 DEFAULT_PORT = 3478
+MIN_SECRET_LEN = 16
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -206,6 +207,12 @@ def _run_peer(args: argparse.Namespace) -> int:
             "rawpunch peer: no session secret: pass --session SECRET or set RAWPUNCH_SESSION", file=sys.stderr
         )
         return EXIT_USAGE
+    if len(args.session) < MIN_SECRET_LEN:
+        logging.getLogger("rawpunch.peer").warning(
+            "the session secret is short (%d characters): whoever sees the rendezvous traffic can guess it "
+            "offline; a random one: python3 -c 'import secrets; print(secrets.token_urlsafe(16))'",
+            len(args.session),
+        )
     try:
         asyncio.run(_peer(args))
     except RendezvousError as exc:

@@ -8,7 +8,12 @@ password, so guessing it must be slow) and then HKDF-SHA256 (RFC 5869):
 ``control_key`` (32 bytes)
     HMAC-SHA256 key for every control message (RFC 2104), derived from ``session_id`` so the
     server can verify and sign. It protects against off-path forgery and cross-session mixing;
-    it cannot protect against someone who has seen ``session_id`` on the path.
+    it cannot protect against someone who has seen ``session_id`` on the path: such an observer
+    can forge control messages (re-register, overwrite a TCP mapping with DISCOVER). That is
+    denial of service only: it can neither read nor forge the sealed peer info, and the punched
+    connection's own challenge (``auth_key``) keeps it from being handed a connection. It can
+    also guess the secret offline from ``session_id``; scrypt makes each guess cost ~50 ms, so
+    use a random secret (``rawpunch peer`` prints advice when the secret is short).
 ``peer_key`` (32 bytes)
     ChaCha20-Poly1305 (RFC 8439) key for the sealed peer-to-peer information (ISN, TTL, TCP
     options, private endpoints). Derived from S, never from ``session_id``: the server never
