@@ -32,7 +32,6 @@ RFC 8489 section 14.2) so that NAT ALGs that rewrite addresses in payloads leave
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import ipaddress
 import struct
@@ -423,6 +422,10 @@ class Message:
         return [v for a, v in self.attributes if a == attr]
 
 
+_TYPE_BY_CODE = {int(t): t for t in MessageType}
+_ATTR_BY_CODE = {int(a): a for a in Attr}
+
+
 def _xor_pad(txid: bytes) -> bytes:
     return struct.pack("!H", MAGIC) + txid + struct.pack("!H", MAGIC)
 
@@ -455,7 +458,7 @@ def encode(msg: Message, key: bytes) -> bytes:
     body = b"".join(pack_tlv(a, ATTRIBUTES[a].pack(v, pad)) for a, v in msg.attributes)
     head = HEADER.pack(MAGIC, VERSION, msg.type, len(body), 0, msg.transaction_id, msg.session_id)
     signed = head + body
-    out = signed + hmac.new(key, signed, hashlib.sha256).digest()
+    out = signed + hmac.digest(key, signed, "sha256")
     if len(out) > MAX_MESSAGE_LEN:
         raise ValueError(f"message of {len(out)} bytes exceeds {MAX_MESSAGE_LEN}")
     return out
@@ -480,7 +483,8 @@ def peek_header(data: bytes) -> Header:
         raise MalformedMessage(f"bad magic 0x{magic:04x}: not a rawpunch message")
     if version != VERSION:
         raise UnsupportedVersion(f"protocol version {version}; this rawpunch speaks version {VERSION}")
-    if mtype not in MessageType.__members__.values():
+    mtype_enum = _TYPE_BY_CODE.get(mtype)
+    if mtype_enum is None:
         raise MalformedMessage(f"unknown message type 0x{mtype:02x}")
     if reserved:
         raise MalformedMessage("reserved header bits are set")
@@ -488,14 +492,14 @@ def peek_header(data: bytes) -> Header:
         raise MalformedMessage(
             f"length field says {attr_len} attribute bytes, datagram has {len(data) - MIN_MESSAGE_LEN}"
         )
-    return Header(MessageType(mtype), txid, sid, attr_len)
+    return Header(mtype_enum, txid, sid, attr_len)
 
 
 def decode(data: bytes, key: bytes, header: Header | None = None) -> Message:
     """Verify the MAC, then parse. Raises a ``RemoteProtocolError`` subclass on any defect."""
     head = header or peek_header(data)
     signed, mac = data[:-MAC_LEN], data[-MAC_LEN:]
-    if not hmac.compare_digest(hmac.new(key, signed, hashlib.sha256).digest(), mac):
+    if not hmac.compare_digest(hmac.digest(key, signed, "sha256"), mac):
         raise AuthenticationError(
             "message authentication (HMAC-SHA256) failed: forged, corrupted, or from a different session"
         )
@@ -503,11 +507,11 @@ def decode(data: bytes, key: bytes, header: Header | None = None) -> Message:
     pad = _xor_pad(head.transaction_id)
     attrs: list[tuple[Attr, AttrValue]] = []
     for code, raw in iter_tlv(signed[HEADER_LEN:]):
-        if code not in Attr.__members__.values():
+        attr = _ATTR_BY_CODE.get(code)
+        if attr is None:
             if code < 0x8000:
                 raise MalformedMessage(f"unknown comprehension-required attribute 0x{code:04x}")
             continue
-        attr = Attr(code)
         if attr not in spec.required and attr not in spec.optional:
             raise MalformedMessage(f"attribute {attr.name} is not allowed in {head.type.name}")
         if attr not in REPEATABLE and any(a == attr for a, _ in attrs):

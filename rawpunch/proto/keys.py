@@ -102,4 +102,4 @@ class SessionKeys:
 
     def prove(self, challenge: bytes, role: bytes) -> bytes:
         """HMAC proof of knowing the secret, for the punched connection's handshake."""
-        return hmac.new(self.auth_key, role + challenge, hashlib.sha256).digest()
+        return hmac.digest(self.auth_key, role + challenge, "sha256")

@@ -26,11 +26,10 @@ idle expiry, a token bucket per source, and O(1) anti-replay state per peer (``r
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import ipaddress
 import logging
 import os
+import socket
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -253,8 +252,9 @@ class ServerCore:
         return stamp + self._cookie_mac(stamp, addr, sid)
 
     def _cookie_mac(self, stamp: bytes, addr: Addr, sid: bytes) -> bytes:
-        source = ipaddress.ip_address(addr[0]).packed + struct.pack("!H", addr[1])
-        return hmac.new(self.config.cookie_key, stamp + source + sid, hashlib.sha256).digest()[:16]
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        source = socket.inet_pton(family, addr[0]) + struct.pack("!H", addr[1])
+        return hmac.digest(self.config.cookie_key, stamp + source + sid, "sha256")[:16]
 
     def _cookie_age(self, cookie: bytes | None, addr: Addr, sid: bytes, now: float) -> float:
         """Seconds since the server minted ``cookie`` for this source; raises StaleCookie."""
