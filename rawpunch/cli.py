@@ -98,8 +98,8 @@ def _add_cleanup(sub: Any) -> None:
         "cleanup",
         help="remove leftovers of a killed run",
         description="Remove what a run killed "
-        "with SIGKILL left behind: lab network namespaces and their processes (and, with the punch "
-        "engine, its firewall chains). Live runs are left alone. Needs root.",
+        "with SIGKILL left behind: lab network namespaces and their processes, and the punch's "
+        "firewall chains (RAWPUNCH-<run>-IN/OUT) in every namespace. Live runs are left alone. Needs root.",
     )
     p.set_defaults(func=_run_cleanup)
 
@@ -226,8 +226,10 @@ def _run_cleanup(args: argparse.Namespace) -> int:
         print("rawpunch cleanup: needs root (run with sudo)", file=sys.stderr)
         return EXIT_NOT_ROOT
     from rawpunch.lab.clean import clean_labs  # noqa: PLC0415
+    from rawpunch.punch.firewall import cleanup_all  # noqa: PLC0415
 
-    removed = clean_labs()
+    # Labs first: removing a dead lab's namespaces takes its rules along; then the host's own chains.
+    removed = clean_labs() + cleanup_all()
     for item in removed:
         print(f"removed {item}")
     print(f"rawpunch cleanup: {len(removed)} leftover(s) removed", file=sys.stderr)
