@@ -1,1 +1,1 @@
-"""Benchmarks: ``python -m rawpunch.bench.rendezvous`` (``scripts/bench-rendezvous``); results go to BENCHMARKS.md."""
+"""Benchmarks: ``scripts/bench-rendezvous`` runs ``rawpunch.bench.rendezvous``, appends to BENCHMARKS.md."""

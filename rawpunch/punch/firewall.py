@@ -116,6 +116,9 @@ class PunchFlow:
     peer: Endpoint
     queue_num: int
     local_host: str | None = None
+    crafted_rst_ttl: int | None = None
+    """RSTs with at most this TTL pass: the engine's own low-TTL "reopen" RSTs, which expire in the
+    core and never reach the peer. The kernel's RSTs leave with the default TTL (64) and are dropped."""
 
     def __post_init__(self) -> None:
         for what, port in (("local port", self.local_port), ("peer port", self.peer.port)):
@@ -212,9 +215,10 @@ def icmp_drop_rule(run_id: str, flow: PunchFlow) -> str:
 def rst_rule(run_id: str, flow: PunchFlow) -> str:
     """Drop RSTs from the punch port to the peer's endpoint."""
     src = f" -s {flow.local_host}/32" if flow.local_host else ""
+    ttl = f"-m ttl --ttl-gt {flow.crafted_rst_ttl} " if flow.crafted_rst_ttl else ""
     return (
         f"-A {chain_name(run_id, 'OUT')}{src} -d {flow.peer.host}/32 -p tcp -m tcp "
-        f"--sport {flow.local_port} --dport {flow.peer.port} --tcp-flags RST RST "
+        f"--sport {flow.local_port} --dport {flow.peer.port} --tcp-flags RST RST {ttl}"
         f"{_comment(run_id, 'no RST to the peer before both ends are spliced')} -j DROP"
     )
 

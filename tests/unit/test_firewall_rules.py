@@ -311,3 +311,10 @@ def test_guard_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(fw.FirewallNeedsRootError, match="needs root"):
         guard.apply()
     assert not guard.active
+
+
+def test_rst_rule_lets_the_engines_low_ttl_rst_through() -> None:
+    flow = PunchFlow(40000, Endpoint("198.51.100.9", 40001), 7, crafted_rst_ttl=2)
+    rule = fw.rst_rule("abc123", flow)
+    assert "--tcp-flags RST RST -m ttl --ttl-gt 2 " in rule
+    assert "--ttl-gt" not in fw.rst_rule("abc123", PunchFlow(40000, Endpoint("198.51.100.9", 40001), 7))

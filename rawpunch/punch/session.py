@@ -1,0 +1,401 @@
+"""One punch from start to finish: rendezvous, crafted handshake, splice, peer authentication.
+
+This is the asyncio adapter that wires the sans-IO pieces to the kernel::
+
+    rendezvous (UDP)        register -> TCP endpoint discovery of local port P -> sealed info -> GO
+    SegmentQueue (NFQUEUE)  inbound segments of (P, peer) -> PunchEngine; the kernel never sees them
+    FirewallGuard           capture rule, OUTPUT RST drop, ICMP rules, in its own chain
+    RawSender               the engine's crafted segments, each with its own TTL
+    splice (TCP_REPAIR)     Connected -> an ESTABLISHED kernel socket on (P, peer)
+    authenticate            HMAC challenge both ways on that socket before anyone uses it
+
+Ordering matters (FACTS.md, "TCP_REPAIR"): the queue is bound before the rules go in (a segment in between
+would reach the kernel and be answered with RST); after our splice we keep capturing until the peer's
+splice announces itself with its window probe (``seq == peer ISN``), then stop capturing so our socket
+gets its segments; the RST drop stays until the challenge has crossed both ways, which proves both
+sockets exist, and then every rule goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from rawpunch.proto.client import PeerFound
+from rawpunch.proto.codec import Endpoint, ResultCode, ResultInfo
+from rawpunch.proto.keys import SessionKeys
+from rawpunch.proto.peerinfo import Capability, PeerInfo
+from rawpunch.punch.engine import (
+    Connected,
+    Failed,
+    IcmpKind,
+    PunchConfig,
+    PunchEngine,
+    event_record,
+    options_from_peer_info,
+)
+from rawpunch.punch.firewall import FirewallGuard, PunchFlow
+from rawpunch.punch.rawio import IcmpError, RawSender, SegmentQueue
+from rawpunch.punch.segment import Segment, TcpOptions
+from rawpunch.punch.splice import splice
+from rawpunch.rendezvous.client import RendezvousClient
+
+log = logging.getLogger("rawpunch.punch")
+
+STRATEGY = "crafted-handshake"
+DEFAULT_PRIMING_TTL = 2  # host directly behind its NAT: hop 1 is the NAT, hop 2 the first core router
+CHALLENGE_LEN = 32
+EventSink = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
+
+
+class PunchError(Exception):
+    """The punch failed; ``str()`` is one line saying why and what to do."""
+
+
+@dataclass
+class PunchSettings:
+    server: Endpoint
+    secret: str | bytes | SessionKeys
+    local_port: int = 0
+    """Local TCP port to punch from (0: any free port)."""
+    priming_ttl: int | None = None
+    """TTL of the priming SYN; None: chosen from the path (``--ttl`` overrides)."""
+    deadline: float = 10.0
+    """Seconds from GO for the handshake."""
+    peer_timeout: float = 60.0
+    authenticate: bool = True
+    pcap: str | None = None
+    on_event: EventSink | None = None
+
+
+@dataclass
+class PunchResult:
+    sock: socket.socket
+    local: Endpoint
+    peer: Endpoint
+    strategy: str
+    timings: dict[str, float] = field(default_factory=dict)
+    """Milliseconds per phase: register, discover, exchange, punch, splice, authenticate, total."""
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.marks: dict[str, float] = {}
+        self._last = self.start
+
+    def phase(self, name: str) -> float:
+        now = time.monotonic()
+        self.marks[name] = round((now - self._last) * 1000, 2)
+        self._last = now
+        return self.marks[name]
+
+
+async def punch(settings: PunchSettings) -> PunchResult:
+    """Meet the peer at the rendezvous and return a connected, authenticated TCP socket to it."""
+    emit = settings.on_event or (lambda record: None)
+    clock = _Clock()
+    keys = (
+        settings.secret if isinstance(settings.secret, SessionKeys) else SessionKeys.derive(settings.secret)
+    )
+    async with RendezvousClient(settings.server, keys, peer_timeout=settings.peer_timeout) as client:
+        reg = await client.register()
+        emit({"event": "registered", "slot": reg.slot, "udp": str(reg.udp), "ms": clock.phase("register")})
+        mapping = await client.discover_tcp(settings.local_port)
+        local = Endpoint(client.local_address.host, mapping.local_port)
+        emit(
+            {
+                "event": "tcp_endpoint",
+                "local": str(local),
+                "public": str(mapping.public),
+                "ms": clock.phase("discover"),
+            }
+        )
+        own = _own_options()
+        isn = int.from_bytes(os.urandom(4), "big")
+        info = PeerInfo(
+            capabilities=Capability.CRAFTED_HANDSHAKE,
+            isn=isn,
+            mss=own.mss,
+            wscale=own.wscale,
+            sack=own.sack_permitted,
+            timestamps=own.timestamp is not None,
+            tcp_port=local.port,
+        )
+        found = await client.exchange(info)
+        paired_at = time.monotonic()
+        peer = _peer_endpoint(found)
+        emit(
+            {
+                "event": "peer",
+                "slot": found.slot,
+                "udp": str(found.udp),
+                "tcp": str(peer),
+                "ms": clock.phase("exchange"),
+            }
+        )
+        ttl = settings.priming_ttl or DEFAULT_PRIMING_TTL
+        config = PunchConfig(
+            local=local,
+            peer=peer,
+            isn=isn,
+            peer_isn=_required(found.info.isn, "ISN"),
+            options=own,
+            peer_options=options_from_peer_info(found.info),
+            priming_ttl=ttl,
+            slot=reg.slot,
+            deadline=settings.deadline,
+        )
+        try:
+            with _Capture(settings.pcap, local.port):
+                sock = await _punch_and_splice(client, config, keys, emit, clock)
+        except PunchError as exc:
+            await _report(client, ResultCode.FAILED, paired_at, str(exc))
+            raise
+        elapsed = (time.monotonic() - paired_at) * 1000
+        clock.marks["total"] = round((time.monotonic() - clock.start) * 1000, 2)
+        emit(
+            {
+                "event": "connected",
+                "elapsed_ms": round(elapsed, 2),
+                "strategy": STRATEGY,
+                "local": str(local),
+                "peer": str(peer),
+                "priming_ttl": ttl,
+                "phases_ms": clock.marks,
+            }
+        )
+        await _report(client, ResultCode.CONNECTED, paired_at, STRATEGY)
+        return PunchResult(sock, local, peer, STRATEGY, clock.marks)
+
+
+async def _punch_and_splice(
+    client: RendezvousClient, config: PunchConfig, keys: SessionKeys, emit: EventSink, clock: _Clock
+) -> socket.socket:
+    driver = _EngineDriver(PunchEngine(config), emit)
+    flow = PunchFlow(
+        config.local.port,
+        config.peer,
+        driver.queue.queue_num,
+        config.local.host,
+        crafted_rst_ttl=config.priming_ttl,
+    )
+    try:
+        with FirewallGuard(flow) as guard:
+            driver.queue.attach(asyncio.get_running_loop())
+            go = await client.ready()
+            emit({"event": "go", "delay_ms": round(go.delay * 1000, 2)})
+            connected = await driver.run()
+            clock.phase("punch")
+            sock = _splice(connected)
+            clock.phase("splice")
+            await driver.wait_peer_spliced(timeout=max(1.0, 4 * (client.core.rtt or 0.25)))
+            guard.stop_capture()
+            await _authenticate(sock, keys, client.core.slot or 0)
+            clock.phase("authenticate")
+            return sock
+    finally:
+        driver.close()
+
+
+class _EngineDriver:
+    """Runs a PunchEngine against the NFQUEUE reader and the raw socket."""
+
+    def __init__(self, engine: PunchEngine, emit: EventSink) -> None:
+        self.engine = engine
+        self.emit = emit
+        self.loop = asyncio.get_running_loop()
+        self.wakeup = asyncio.Event()
+        self.connected: Connected | None = None
+        self.peer_spliced = asyncio.Event()
+        self.queue = SegmentQueue(self._on_segment, on_icmp=self._on_icmp)
+        self.sender = RawSender()
+
+    def _on_segment(self, seg: Segment) -> None:
+        cfg = self.engine.config
+        if self.connected is not None and seg.seq == cfg.peer_isn and seg.is_ack:
+            self.peer_spliced.set()  # the window probe of the peer's repair-off: its socket exists
+        self.engine.receive_segment(seg, self.loop.time())
+        self.wakeup.set()
+
+    def _on_icmp(self, err: IcmpError) -> None:
+        kind = IcmpKind.from_type(err.type)
+        if kind is not None:
+            self.engine.receive_icmp(kind, err.router, err.quoted, self.loop.time())
+            self.wakeup.set()
+
+    def _flush(self) -> None:
+        for seg in self.engine.segments_to_send(self.loop.time()):
+            self.sender.send(seg)
+        while (event := self.engine.next_event()) is not None:
+            self.emit(event_record(event))
+            if isinstance(event, Connected):
+                self.connected = event
+            elif isinstance(event, Failed):
+                raise PunchError(f"punch failed: {event.reason}")
+
+    async def run(self) -> Connected:
+        self.engine.start(self.loop.time())
+        while self.connected is None:
+            self._flush()
+            if self.connected is not None:
+                break
+            await self._sleep_until_timer()
+        self._keepalive = asyncio.create_task(self._drain_timers())
+        return self.connected
+
+    async def _sleep_until_timer(self) -> None:
+        timer = self.engine.get_timer()
+        self.wakeup.clear()
+        timeout = None if timer is None else max(0.0, timer - self.loop.time())
+        try:
+            await asyncio.wait_for(self.wakeup.wait(), timeout)
+        except TimeoutError:
+            self.engine.handle_timer(self.loop.time())
+
+    async def _drain_timers(self) -> None:
+        """After Connected the engine still repeats its final ACK a few times (see engine docstring)."""
+        with contextlib.suppress(PunchError, OSError):
+            while self.engine.get_timer() is not None:
+                self._flush()
+                await self._sleep_until_timer()
+            self._flush()
+
+    async def wait_peer_spliced(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.peer_spliced.wait(), timeout)
+        except TimeoutError:
+            log.info("no window probe from the peer within %.1f s; assuming it spliced", timeout)
+
+    def close(self) -> None:
+        task = getattr(self, "_keepalive", None)
+        if task is not None:
+            task.cancel()
+        self.queue.close()
+        self.sender.close()
+
+
+def _splice(c: Connected) -> socket.socket:
+    ts = None
+    if c.timestamps is not None:
+        tsval, ts_recent = c.timestamps
+        ts = (tsval, ts_recent)
+    return splice(
+        c.local,
+        c.remote,
+        c.snd_nxt,
+        c.rcv_nxt,
+        mss=c.mss,
+        snd_wscale=c.snd_wscale,
+        rcv_wscale=c.rcv_wscale,
+        sack=c.sack,
+        timestamps=ts,
+        snd_wnd=c.snd_wnd,
+        rcv_wnd=c.rcv_wnd,
+        snd_wl1=c.snd_wl1,
+        max_window=c.max_window,
+        rcv_wup=c.rcv_wup,
+    )
+
+
+async def _authenticate(sock: socket.socket, keys: SessionKeys, slot: int, timeout: float = 10.0) -> None:
+    """Both ends prove they know the session secret before the socket is handed over.
+
+    Each sends a fresh challenge, answers the other's with HMAC(auth_key, prover's slot || challenge),
+    and checks the answer to its own. A racing attacker who completed a handshake without the secret
+    (it cannot, the ISNs are sealed, but defence in depth) fails here and the socket is closed.
+    """
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    mine = os.urandom(CHALLENGE_LEN)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_sendall(sock, mine)
+            theirs = await _recv_exactly(loop, sock, CHALLENGE_LEN)
+            await loop.sock_sendall(sock, keys.prove(theirs, struct.pack("!B", slot)))
+            proof = await _recv_exactly(loop, sock, hashlib.sha256().digest_size)
+    except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+        sock.close()
+        raise PunchError(
+            f"peer authentication on the punched connection failed: {exc or 'timeout'}"
+        ) from None
+    if not hmac.compare_digest(proof, keys.prove(mine, struct.pack("!B", 1 - slot))):
+        sock.close()
+        raise PunchError("the other end of the punched connection does not know the session secret: closed")
+    sock.setblocking(True)
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise asyncio.IncompleteReadError(buf, n)
+        buf += chunk
+    return buf
+
+
+async def _report(client: RendezvousClient, code: ResultCode, since: float, detail: str) -> None:
+    """Tell the server how it went; never fail the punch over it."""
+    elapsed = int((time.monotonic() - since) * 1000)
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(3):
+            await client.report(ResultInfo(code, elapsed, detail[:200]))
+
+
+def _own_options() -> TcpOptions:
+    tsval = int.from_bytes(os.urandom(4), "big") & ~1  # even: bit 0 would switch the kernel to usec TSvals
+    return TcpOptions(mss=1460, wscale=7, sack_permitted=True, timestamp=(tsval, 0))
+
+
+def _peer_endpoint(found: PeerFound) -> Endpoint:
+    port = _required(found.info.tcp_port, "TCP port")
+    for m in found.tcp:
+        if m.local_port == port:
+            return m.public
+    raise PunchError(
+        f"the server has no public TCP endpoint for the peer's port {port}: the peer's TCP "
+        "endpoint discovery failed (is TCP to the server blocked on its side?)"
+    )
+
+
+def _required(value: T | None, what: str) -> T:
+    if value is None:
+        raise PunchError(f"the peer sent no {what}: is it running an older rawpunch?")
+    return value
+
+
+class _Capture:
+    """``--pcap``: tcpdump of the punch port and ICMP while the handshake runs."""
+
+    def __init__(self, path: str | None, port: int) -> None:
+        self.path, self.port = path, port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> _Capture:
+        if self.path:
+            self.proc = subprocess.Popen(
+                ["tcpdump", "-i", "any", "-U", "-w", self.path, f"tcp port {self.port} or icmp"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            assert self.proc.stderr is not None
+            self.proc.stderr.readline()  # "listening on ...": capture is running
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=5)
