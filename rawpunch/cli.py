@@ -1,19 +1,18 @@
 """rawpunch: raw-packet TCP NAT traversal.
 
   rawpunch server --listen HOST:PORT     run the rendezvous server
-  rawpunch peer --server HOST:PORT ...   meet a peer at the rendezvous
+  rawpunch peer --server HOST:PORT ...   punch a direct TCP connection to a peer
   rawpunch lab ...                       NAT lab in network namespaces
   rawpunch cleanup                       remove what a killed run left behind
 
 Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad command line,
-3 needs root, 130 interrupted.
+3 needs root, 4 missing system support (iptables, NFQUEUE), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -22,12 +21,11 @@ import sys
 from typing import Any
 
 from rawpunch import __version__
-from rawpunch.proto.codec import Endpoint, ResultCode, ResultInfo, TcpMapping
-from rawpunch.proto.peerinfo import Capability, PeerInfo
+from rawpunch.peercli import add_peer_parser
+from rawpunch.proto.codec import Endpoint
 
-EXIT_FAILED, EXIT_USAGE, EXIT_NOT_ROOT, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_FAILED, EXIT_NOT_ROOT, EXIT_INTERRUPTED = 1, 3, 130
 DEFAULT_PORT = 3478
-MIN_SECRET_LEN = 16
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -68,31 +66,6 @@ def _add_server(sub: Any) -> None:
     p.set_defaults(func=_run_server)
 
 
-def _add_peer(sub: Any) -> None:
-    p = sub.add_parser(
-        "peer",
-        help="meet a peer at the rendezvous server",
-        description="Register with the "
-        "rendezvous server, learn this host's public UDP and TCP endpoints, exchange sealed "
-        "information with the peer that uses the same session secret, and wait for the "
-        "synchronised go. (The punch itself, crafted SYN/SYN-ACK and TCP_REPAIR splice, comes "
-        "with the punch engine; this version stops after the go.) Prints JSON lines on stdout.",
-    )
-    p.add_argument("--server", type=parse_endpoint, required=True, metavar="HOST:PORT")
-    p.add_argument(
-        "--session",
-        default=os.environ.get("RAWPUNCH_SESSION"),
-        metavar="SECRET",
-        help="shared secret (default: $RAWPUNCH_SESSION); both peers use the same one",
-    )
-    p.add_argument(
-        "--port", type=int, default=0, help="local TCP port to discover and punch from (default: any)"
-    )
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the peer (default 60)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=_run_peer)
-
-
 def _add_cleanup(sub: Any) -> None:
     p = sub.add_parser(
         "cleanup",
@@ -111,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rawpunch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{server,peer,lab,cleanup}")
     _add_server(sub)
-    _add_peer(sub)
+    add_peer_parser(sub, parse_endpoint)
     from rawpunch.lab.cli import add_lab_parser  # noqa: PLC0415 - keeps pyroute2 out of server start-up
 
     add_lab_parser(sub)
@@ -153,70 +126,6 @@ def _run_server(args: argparse.Namespace) -> int:
         asyncio.run(serve())
     except ServerStartError as exc:
         print(f"rawpunch server: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
-
-
-def _emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
-
-
-def _mapping(m: TcpMapping) -> dict[str, Any]:
-    return {"local_port": m.local_port, "public": str(m.public)}
-
-
-async def _peer(args: argparse.Namespace) -> None:
-    from rawpunch.rendezvous.client import RendezvousClient  # noqa: PLC0415
-
-    say = logging.getLogger("rawpunch.peer").info
-    async with RendezvousClient(args.server, args.session, peer_timeout=args.timeout) as client:
-        say("registering with %s", args.server)
-        reg = await client.register()
-        _emit("registered", slot=reg.slot, udp=str(reg.udp), server_rtt_ms=round(reg.rtt * 1000, 2))
-        mapping = await client.discover_tcp(args.port)
-        say(
-            "public UDP endpoint %s, public TCP endpoint of local port %d: %s",
-            reg.udp,
-            mapping.local_port,
-            mapping.public,
-        )
-        _emit("tcp_endpoint", **_mapping(mapping))
-        info = PeerInfo(capabilities=Capability.CRAFTED_HANDSHAKE, tcp_port=mapping.local_port)
-        say("waiting for the peer (up to %.0f s)", args.timeout)
-        peer = await client.exchange(info)
-        _emit(
-            "peer",
-            slot=peer.slot,
-            udp=str(peer.udp),
-            tcp=[_mapping(m) for m in peer.tcp],
-            tcp_port=peer.info.tcp_port,
-            capabilities=int(peer.info.capabilities),
-        )
-        say("peer: UDP %s, TCP %s", peer.udp, ", ".join(str(m.public) for m in peer.tcp) or "none")
-        go = await client.ready()
-        _emit("go", delay_ms=round(go.delay * 1000, 2))
-        await client.report(ResultInfo(ResultCode.ABORTED, 0, "rendezvous only: no punch engine yet"))
-
-
-def _run_peer(args: argparse.Namespace) -> int:
-    from rawpunch.rendezvous.client import RendezvousError  # noqa: PLC0415
-
-    _setup_logging("rawpunch-peer", args.verbose)
-    if not args.session:
-        print(
-            "rawpunch peer: no session secret: pass --session SECRET or set RAWPUNCH_SESSION", file=sys.stderr
-        )
-        return EXIT_USAGE
-    if len(args.session) < MIN_SECRET_LEN:
-        logging.getLogger("rawpunch.peer").warning(
-            "the session secret is short (%d characters): whoever sees the rendezvous traffic can guess it "
-            "offline; a random one: python3 -c 'import secrets; print(secrets.token_urlsafe(16))'",
-            len(args.session),
-        )
-    try:
-        asyncio.run(_peer(args))
-    except RendezvousError as exc:
-        print(f"rawpunch peer: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0
 

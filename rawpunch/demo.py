@@ -1,7 +1,9 @@
-"""The built-in demo: a two-NAT lab, the rendezvous server, and two peers that meet there.
+"""The built-in demo: a two-NAT lab, the rendezvous server, and a punch between two peers.
 
-Run by ``scripts/demo``. Prints what each peer learned and checks it against the conntrack
-table of its own NAT, then tears the lab down (also on Ctrl-C).
+Run by ``scripts/demo``. Builds ``two_nats`` in network namespaces, starts ``rawpunch server`` in
+the core, runs ``rawpunch peer`` on both hosts behind their NATs (each sends a line through the
+punched connection and prints what it received), shows the strategy and the time of each phase,
+checks the endpoints against each NAT's conntrack table, and tears the lab down (also on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -12,33 +14,33 @@ import secrets
 import sys
 
 from rawpunch.lab.netns import Lab
-from rawpunch.lab.scenario import PeerRun, ScenarioError, conntrack_public, run_peers, start_server
+from rawpunch.lab.scenario import PunchRun, ScenarioError, conntrack_public, punch_peers, start_server
 from rawpunch.lab.topology import two_nats
 from rawpunch.proto.codec import Endpoint
 
-HOSTS = {"a": "nat-a", "b": "nat-b"}
+NATS = {"a": "nat-a", "b": "nat-b"}
+PHASES = ("register", "discover", "exchange", "punch", "splice", "authenticate", "total")
 
 
-def _describe(lab: Lab, name: str, run: PeerRun) -> bool:
-    nat = HOSTS[name]
-    ev = run.events
-    host = lab.node(name).address
-    if run.returncode != 0 or "go" not in ev:
+def _describe(lab: Lab, name: str, run: PunchRun, expected: bytes) -> bool:
+    connected, endpoint = run.event("connected"), run.event("tcp_endpoint")
+    if run.returncode != 0 or connected is None or endpoint is None:
         print(f"  peer {name}: FAILED (exit {run.returncode})\n{run.stderr}")
         return False
-    mine, peer = ev["tcp_endpoint"], ev["peer"]
-    seen = conntrack_public(lab, nat, Endpoint(str(host), mine["local_port"]))
-    agrees = Endpoint.parse(mine["public"]) in seen
-    print(f"  peer {name} ({host}, behind {nat}):")
-    print(f"    own public UDP endpoint     {ev['registered']['udp']}")
+    local, public = Endpoint.parse(endpoint["local"]), Endpoint.parse(endpoint["public"])
+    seen = conntrack_public(lab, NATS[name], local)
+    phases = connected["phases_ms"]
     print(
-        f"    own public TCP endpoint     {mine['public']} (local port {mine['local_port']}); "
-        f"conntrack on {nat}: {', '.join(map(str, seen)) or 'nothing'} -> {'agrees' if agrees else 'DIFFERS'}"
+        f"  peer {name} ({local}, behind {NATS[name]}, public {public}; conntrack on {NATS[name]}: "
+        f"{', '.join(sorted({str(e) for e in seen})) or 'nothing'})"
     )
-    print(f"    peer's public UDP endpoint  {peer['udp']}")
-    print(f"    peer's public TCP endpoint  {', '.join(t['public'] for t in peer['tcp']) or 'none'}")
-    print(f"    go after                    {ev['go']['delay_ms']} ms")
-    return agrees
+    print(
+        f"    connected to {connected['peer']} with {connected['strategy']}, priming TTL "
+        f"{connected['priming_ttl']}, {connected['elapsed_ms']:.1f} ms after pairing"
+    )
+    print("    phases (ms): " + ", ".join(f"{p} {phases[p]:.1f}" for p in PHASES if p in phases))
+    print(f"    received: {run.received.decode(errors='replace').strip()!r}")
+    return public in seen and run.received == expected
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             return 1
         print(f"rendezvous server on {server.endpoint} (node 'server')")
-        runs = run_peers(lab, server.endpoint, secrets.token_urlsafe(16), timeout=30)
-        ok = all([_describe(lab, name, runs[name]) for name in HOSTS])
-    print("demo:", "both peers paired and learned each other's public endpoints" if ok else "FAILED")
+        send = {n: f"hello from {n}, through two NATs\n".encode() for n in NATS}
+        runs = punch_peers(lab, server.endpoint, secrets.token_urlsafe(16), send, timeout=60)
+        ok = all([_describe(lab, n, runs[n], send["b" if n == "a" else "a"]) for n in NATS])
+    print("demo:", "direct TCP connection punched, data went both ways" if ok else "FAILED")
     return 0 if ok else 1
 
 

@@ -8,12 +8,15 @@ happens here.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from rawpunch.lab.netns import Lab
@@ -80,10 +83,10 @@ def run_peers(
     args: tuple[str, ...] = (),
     timeout: float = 60.0,
 ) -> dict[str, PeerRun]:
-    """Run ``rawpunch peer`` in each node at once and collect its JSON-line events."""
+    """Run ``rawpunch peer --rendezvous-only`` in each node at once and collect its JSON-line events."""
     procs = {
         n: lab.node(n).popen(
-            [*RAWPUNCH, "peer", "--server", str(server), "--session", secret, *args],
+            [*RAWPUNCH, "peer", "--rendezvous-only", "--server", str(server), "--session", secret, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -135,3 +138,81 @@ def conntrack_public(lab: Lab, nat: str, private: Endpoint, proto: str = "tcp") 
     for m in _CT_LINE.finditer(out):
         found.append(Endpoint(m["rdst"], int(m["rdport"])))
     return found
+
+
+@dataclass
+class PunchRun:
+    node: str
+    returncode: int
+    received: bytes
+    """What came out of the punched connection (the peer's stdin)."""
+    events: list[dict[str, Any]]
+    stderr: str
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        return next((e for e in self.events if e["event"] == name), None)
+
+
+def punch_peers(
+    lab: Lab,
+    server: Endpoint,
+    secret: str,
+    send: dict[str, bytes],
+    args: tuple[str, ...] = (),
+    timeout: float = 60.0,
+) -> dict[str, PunchRun]:
+    """``rawpunch peer`` (netcat mode) in each node of ``send``: each sends its bytes, then EOF.
+
+    Both run at once; each one's stdout is what the other sent. Events come from ``--events``.
+    """
+    with tempfile.TemporaryDirectory(prefix="rawpunch-") as tmp:
+        files = {n: os.path.join(tmp, f"{n}.jsonl") for n in send}
+        procs = {
+            n: lab.node(n).popen(
+                [
+                    *RAWPUNCH,
+                    "peer",
+                    "--server",
+                    str(server),
+                    "--session",
+                    secret,
+                    "--events",
+                    files[n],
+                    *args,
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for n in send
+        }
+        deadline = time.monotonic() + timeout
+        boxes = {n: _communicate(proc, send[n], deadline) for n, proc in procs.items()}  # all at once
+        runs = {}
+        for n, box in boxes.items():
+            box["thread"].join(max(0.1, deadline - time.monotonic()) + 10)
+            out, err = box.get("out", (b"", b"(no result)"))
+            code = procs[n].returncode if procs[n].returncode is not None else -1
+            path = Path(files[n])
+            lines = path.read_text().splitlines() if path.exists() else []
+            runs[n] = PunchRun(
+                n, code, out, [json.loads(line) for line in lines], err.decode(errors="replace")
+            )
+    return runs
+
+
+def _communicate(proc: subprocess.Popen[bytes], data: bytes, deadline: float) -> dict[str, Any]:
+    """Feed ``data`` then EOF and collect the output in a thread; join ``box["thread"]`` for the result."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["out"] = proc.communicate(data, timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            box["out"] = (out, err + b"\n(killed at the deadline)")
+
+    box["thread"] = threading.Thread(target=run, daemon=True)
+    box["thread"].start()
+    return box
