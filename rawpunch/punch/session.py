@@ -46,6 +46,7 @@ from rawpunch.punch.engine import (
     options_from_peer_info,
 )
 from rawpunch.punch.firewall import FirewallGuard, PunchFlow
+from rawpunch.punch.pathprobe import choose_priming_ttl
 from rawpunch.punch.rawio import IcmpError, RawSender, SegmentQueue
 from rawpunch.punch.segment import Segment, TcpOptions
 from rawpunch.punch.splice import splice
@@ -54,7 +55,6 @@ from rawpunch.rendezvous.client import RendezvousClient
 log = logging.getLogger("rawpunch.punch")
 
 STRATEGY = "crafted-handshake"
-DEFAULT_PRIMING_TTL = 2  # host directly behind its NAT: hop 1 is the NAT, hop 2 the first core router
 CHALLENGE_LEN = 32
 EventSink = Callable[[dict[str, Any]], None]
 T = TypeVar("T")
@@ -134,7 +134,12 @@ async def punch(settings: PunchSettings) -> PunchResult:
             timestamps=own.timestamp is not None,
             tcp_port=local.port,
         )
-        found = await client.exchange(info)
+        path = asyncio.create_task(_priming_ttl(settings))  # traceroute while the peer comes
+        try:
+            found = await client.exchange(info)
+            ttl = await path
+        finally:
+            path.cancel()
         paired_at = time.monotonic()
         peer = _peer_endpoint(found)
         emit(
@@ -146,7 +151,13 @@ async def punch(settings: PunchSettings) -> PunchResult:
                 "ms": clock.phase("exchange"),
             }
         )
-        ttl = settings.priming_ttl or DEFAULT_PRIMING_TTL
+        emit(
+            {
+                "event": "priming_ttl",
+                "ttl": ttl,
+                "chosen_by": "--ttl" if settings.priming_ttl else "path probe",
+            }
+        )
         config = PunchConfig(
             local=local,
             peer=peer,
@@ -353,6 +364,15 @@ async def _report(client: RendezvousClient, code: ResultCode, since: float, deta
     with contextlib.suppress(Exception):
         async with asyncio.timeout(3):
             await client.report(ResultInfo(code, elapsed, detail[:200]))
+
+
+async def _priming_ttl(settings: PunchSettings) -> int:
+    """``--ttl`` if given, else one past our outermost NAT as a traceroute to the server finds it."""
+    if settings.priming_ttl is not None:
+        return settings.priming_ttl
+    ttl, offenders = await asyncio.to_thread(choose_priming_ttl, settings.server)
+    log.info("path to the server: %s -> priming TTL %d", offenders or "no ICMP answers", ttl)
+    return ttl
 
 
 def _own_options() -> TcpOptions:
