@@ -42,6 +42,7 @@ from rawpunch.punch.engine import (
     IcmpKind,
     PunchConfig,
     PunchEngine,
+    PunchState,
     event_record,
     options_from_peer_info,
 )
@@ -235,10 +236,11 @@ class _EngineDriver:
         self.sender = RawSender()
 
     def _on_segment(self, seg: Segment) -> None:
-        cfg = self.engine.config
-        if self.connected is not None and seg.seq == cfg.peer_isn and seg.is_ack:
-            self.peer_spliced.set()  # the window probe of the peer's repair-off: its socket exists
         self.engine.receive_segment(seg, self.loop.time())
+        # The peer's repair-off window probe (seq = its ISN, ACK, no SYN) says its socket exists. Judge by
+        # the engine's state, not by our own Connected event: both can arrive in one NFQUEUE batch.
+        if self.engine.state is PunchState.ESTABLISHED and _is_splice_probe(seg, self.engine.config.peer_isn):
+            self.peer_spliced.set()
         self.wakeup.set()
 
     def _on_icmp(self, err: IcmpError) -> None:
@@ -298,6 +300,10 @@ class _EngineDriver:
         self.sender.close()
 
 
+def _is_splice_probe(seg: Segment, peer_isn: int) -> bool:
+    return seg.seq == peer_isn and seg.is_ack and not seg.syn and not seg.rst
+
+
 def _splice(c: Connected) -> socket.socket:
     ts = None
     if c.timestamps is not None:
@@ -339,9 +345,8 @@ async def _authenticate(sock: socket.socket, keys: SessionKeys, slot: int, timeo
             proof = await _recv_exactly(loop, sock, hashlib.sha256().digest_size)
     except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
         sock.close()
-        raise PunchError(
-            f"peer authentication on the punched connection failed: {exc or 'timeout'}"
-        ) from None
+        why = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+        raise PunchError(f"peer authentication on the punched connection failed: {why}") from None
     if not hmac.compare_digest(proof, keys.prove(mine, struct.pack("!B", 1 - slot))):
         sock.close()
         raise PunchError("the other end of the punched connection does not know the session secret: closed")
