@@ -1,4 +1,4 @@
-"""``rawpunch lab ...``: list the NAT profiles, clean up after dead lab runs.
+"""``rawpunch lab ...``: list the NAT profiles, self-test them, clean up after dead lab runs.
 
 The main CLI wires this in with ``add_lab_parser(subparsers)``; the parser sets ``func=run_lab``.
 """
@@ -15,14 +15,14 @@ from rawpunch.lab.profiles import PROFILES
 
 
 def add_lab_parser(subparsers: Any) -> None:
-    """Add ``lab`` (with ``clean [--all]`` and ``list [--json]``) to an argparse subparsers object."""
+    """Add ``lab`` (``clean [--all]``, ``list [--json]``, ``selftest``) to an argparse subparsers object."""
     lab = subparsers.add_parser(
         "lab",
         help="network-namespace NAT lab",
-        description="Network-namespace NAT lab: profiles and clean-up.",
+        description="Network-namespace NAT lab: profiles, their self-test, and clean-up.",
     )
     lab.set_defaults(func=run_lab)
-    sub = lab.add_subparsers(dest="lab_command", required=True, metavar="{clean,list}")
+    sub = lab.add_subparsers(dest="lab_command", required=True, metavar="{clean,list,selftest}")
     clean = sub.add_parser(
         "clean",
         help="remove namespaces and records of lab runs whose owner died (needs root)",
@@ -30,8 +30,25 @@ def add_lab_parser(subparsers: Any) -> None:
         "whose owner process is gone, and rp- namespaces no live run claims.",
     )
     clean.add_argument("--all", dest="all_runs", action="store_true", help="remove every lab, live ones too")
-    listing = sub.add_parser("list", help="list the NAT profiles and their ground truth")
+    listing = sub.add_parser(
+        "list",
+        help="list the NAT profiles and their ground truth",
+        description="Every NAT profile with its ground truth (RFC 4787/5382 terms: mapping, filtering, "
+        "allocation, unsolicited_syn; flags hairpin, nat, port_overloading) and how the lab builds it.",
+    )
     listing.add_argument("--json", action="store_true", help="print a JSON list")
+    selftest = sub.add_parser(
+        "selftest",
+        help="check that lab NATs behave as their profiles claim (needs root)",
+        description="Build a throwaway lab per profile (a behind the profile's NAT, two probe hosts in the "
+        "core) and measure mapping, filtering, allocation, the reaction to an unsolicited SYN and "
+        "hairpinning. Exit status 1 if any profile disagrees with its ground truth.",
+    )
+    selftest.add_argument("profiles", nargs="*", metavar="PROFILE", help="profiles to test (default: all)")
+    selftest.add_argument("--json", action="store_true", help="print one JSON object per profile")
+    selftest.add_argument(
+        "--record", metavar="DIR", help="keep pcaps, conntrack events and the environment in DIR/<profile>/"
+    )
 
 
 def run_lab(args: argparse.Namespace) -> int:
@@ -39,6 +56,8 @@ def run_lab(args: argparse.Namespace) -> int:
         return _list(json_output=args.json)
     if args.lab_command == "clean":
         return _clean(all_runs=args.all_runs)
+    if args.lab_command == "selftest":
+        return _selftest(args.profiles or list(PROFILES), json_output=args.json, record=args.record)
     print(f"rawpunch lab: unknown command {args.lab_command!r}", file=sys.stderr)
     return 2
 
@@ -48,12 +67,16 @@ def _list(json_output: bool) -> int:
     if json_output:
         print(json.dumps(profiles, indent=2))
         return 0
-    columns = ("name", "mapping", "filtering", "allocation", "unsolicited_syn")
-    widths = {c: max(len(c), *(len(p[c]) for p in profiles)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for p in profiles:
-        print("  ".join(p[c].ljust(widths[c]) for c in columns).rstrip())
-        print(f"    {p['description']}")
+    columns = ("name", "mapping", "filtering", "allocation", "unsolicited_syn", "hairpin", "nat", "backend")
+    cells = [
+        {c: str(p[c]).lower() if isinstance(p[c], bool) else str(p[c]) for c in columns} for p in profiles
+    ]
+    widths = {c: max(len(c), *(len(row[c]) for row in cells)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
+    for p, row in zip(profiles, cells, strict=True):
+        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+        layers = f" (layers: {' behind '.join(reversed(p['layers']))})" if p["layers"] else ""
+        print(f"    {p['description']}{layers}")
     return 0
 
 
@@ -68,3 +91,37 @@ def _clean(all_runs: bool) -> int:
     for item in removed:
         print(item)
     return 0
+
+
+def _selftest(names: list[str], json_output: bool, record: str | None) -> int:
+    # Pulls in pyroute2 and the lab builder: only when needed.
+    from pathlib import Path  # noqa: PLC0415
+
+    from rawpunch.lab.netns import Lab  # noqa: PLC0415
+    from rawpunch.lab.observe import Recorder  # noqa: PLC0415
+    from rawpunch.lab.selftest import run_selftest  # noqa: PLC0415
+    from rawpunch.lab.topology import two_nats  # noqa: PLC0415
+
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown:
+        print(
+            f"rawpunch lab selftest: unknown profiles {unknown}; known: {', '.join(PROFILES)}",
+            file=sys.stderr,
+        )
+        return 2
+    failed = 0
+    for name in names:
+        try:
+            with Lab(two_nats(hops=1, profile_a=name, probes=True)) as lab:
+                if record is None:
+                    result = run_selftest(lab, host="a")
+                else:
+                    with Recorder(lab, Path(record) / name, nats=lab.topology.nat_chain("a")) as recorder:
+                        result = run_selftest(lab, host="a")
+                        recorder.save("selftest", result.as_dict())
+        except NeedsRootError as e:
+            print(e, file=sys.stderr)
+            return 1
+        failed += not result.ok
+        print(json.dumps(result.as_dict()) if json_output else result, flush=True)
+    return 1 if failed else 0

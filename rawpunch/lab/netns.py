@@ -2,7 +2,13 @@
 
 One namespace per node, ``rp-<run id>-<node>``, veth pairs created directly between the two namespaces
 (nothing is ever created in, or routed through, the host's namespace), addresses, routes, sysctls, then the
-NAT profiles' iptables rules applied atomically with ``iptables-restore`` inside each NAT's namespace.
+NAT profiles' iptables rules applied atomically with ``iptables-restore`` inside each NAT's namespace, and
+the core routers' impairments.
+
+Some nodes run a daemon the lab starts and stops: the userspace NAT of a ``backend="userspace"`` profile
+(usernat.py) and the NFQUEUE impairment of a router where netem is missing (impair.py). Each is started
+with ``LabNode.popen`` and must print ``ready`` (its queue is bound) before the rules that feed its queue are
+applied; its stderr goes to a log file the lab keeps (``Lab.daemon_log``).
 
 Teardown runs on every exit path: ``__exit__`` (normal end, exception, Ctrl-C), a SIGTERM/SIGHUP handler and
 an atexit hook in the owner process. It stops the processes the lab started, undoes the NAT rules, SIGKILLs
@@ -22,8 +28,11 @@ import logging
 import os
 import re
 import secrets
+import select
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +44,7 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 
+from rawpunch.lab import impair
 from rawpunch.lab.nsproc import (
     LAB_PREFIX,
     NETNS_DIR,
@@ -54,6 +64,9 @@ log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[0-9a-z]{1,12}$")
 #: How long a process the lab started gets between SIGTERM and SIGKILL at teardown.
 STOP_GRACE_S = 1.0
+#: How long a daemon (userspace NAT, impairment) may take to bind its queue and say ``ready``.
+DAEMON_START_S = 20.0
+READY_LINE = "ready"
 
 
 def new_run_id() -> str:
@@ -65,7 +78,7 @@ def netns_name(run_id: str, node: str) -> str:
     return f"{LAB_PREFIX}{run_id}-{node}"
 
 
-def _sysctls(forwarding: bool) -> dict[str, str]:
+def _sysctls(forwarding: bool, userspace_nat: bool = False) -> dict[str, str]:
     settings = {
         # IPv6 off before any interface exists: no link-local addresses, router solicitations or MLD noise.
         "net/ipv6/conf/all/disable_ipv6": "1",
@@ -81,6 +94,12 @@ def _sysctls(forwarding: bool) -> dict[str, str]:
         # ICMP errors (time exceeded, unreachable) are rate limited per destination by default; tests that
         # count on an ICMP answer to each low-TTL probe must not depend on timing.
         settings["net/ipv4/icmp_ratelimit"] = "0"
+    if userspace_nat:
+        # Hairpinned segments come back in on the LAN with the NAT's own public address as their source:
+        # without accept_local routing drops them as martians; and no ICMP redirect for in == out.
+        settings["net/ipv4/conf/all/accept_local"] = "1"
+        settings["net/ipv4/conf/all/send_redirects"] = "0"
+        settings["net/ipv4/conf/default/send_redirects"] = "0"
     return settings
 
 
@@ -170,6 +189,8 @@ class Lab:
         self._owner_pid = os.getpid()  # set again by build(): only the builder tears down
         self._procs: list[tuple[subprocess.Popen[Any], bool]] = []
         self._nats_configured: list[str] = []
+        self._impaired: list[tuple[str, str]] = []  # (router, "netem" | "userspace")
+        self._daemon_logs: dict[str, Any] = {}  # node -> log file of its daemon
 
     def __repr__(self) -> str:
         return f"Lab(run_id={self.run_id!r}, nodes={list(self.namespaces)}, state={self._state})"
@@ -218,6 +239,11 @@ class Lab:
     def nodes(self) -> tuple[LabNode, ...]:
         return tuple(LabNode(self, n) for n in self.namespaces)
 
+    @property
+    def impairments(self) -> dict[str, str]:
+        """The routers that impair traffic and how: ``"netem"`` or ``"userspace"``."""
+        return dict(self._impaired)
+
     def track(self, proc: subprocess.Popen[Any], own_group: bool) -> None:
         """Make teardown stop *proc* (and its process group when it leads one)."""
         self._procs.append((proc, own_group))
@@ -243,12 +269,15 @@ class Lab:
             for ns in self.namespaces.values():
                 create_netns(ns)
             for node in self.topology.nodes:
-                settings = _sysctls(forwarding=node.role in ("nat", "router"))
+                userspace = node.role == "nat" and get_profile(node.profile or "").backend == "userspace"
+                settings = _sysctls(forwarding=node.role in ("nat", "router"), userspace_nat=userspace)
                 run_in_netns(self.namespaces[node.name], _apply_sysctls, (settings,), 10.0)
             self._build_network()
             for node in self.topology.nodes:
                 if node.role == "nat":
                     self._configure_nat(node.name)
+                elif node.impairment is not None and node.impairment.active:
+                    self._configure_impairment(node.name, node.impairment)
         except BaseException:
             self.close()
             raise
@@ -289,8 +318,69 @@ class Lab:
 
     def _configure_nat(self, name: str) -> None:
         profile = get_profile(self.topology.node(name).profile or "")
+        if profile.backend == "userspace":
+            public, lan = self.topology.public_address(name), self.topology.address(name)
+            argv = ["--profile", profile.name, "--public-ip", str(public), "--lan-ip", str(lan)]
+            self._start_daemon(name, "rawpunch.lab.usernat", argv)
         self._nats_configured.append(name)
         self.node(name).run(["iptables-restore", "-w"], input=profile.iptables_restore(lan="lan", wan="wan"))
+
+    def _configure_impairment(self, name: str, imp: impair.Impairment) -> None:
+        """netem on every interface of the router where the kernel has it, else the userspace queue."""
+        if imp.backend != "userspace" and self._try_netem(name, imp):
+            return
+        if imp.backend == "netem":
+            raise RuntimeError(f"lab {self.run_id}: {name}: netem is not available in this kernel")
+        self._start_daemon(
+            name, "rawpunch.lab.impair", ["--queue", str(impair.IMPAIR_QUEUE), *imp.process_args()]
+        )
+        self._impaired.append((name, "userspace"))
+        self.node(name).run(["iptables-restore", "-w"], input=impair.iptables_restore(imp))
+
+    def _try_netem(self, name: str, imp: impair.Impairment) -> bool:
+        """netem on each of the router's interfaces; False (nothing installed) if the kernel lacks it."""
+        ifnames = [i.ifname for i in self.topology.interfaces(name)]
+        for index, ifname in enumerate(ifnames):
+            argv = ["tc", "qdisc", "replace", "dev", ifname, "root", "netem", *imp.netem_args()]
+            result = self.node(name).run(argv, check=index > 0)
+            if result.returncode != 0:
+                log.info(
+                    "lab %s: %s: no netem (%s); userspace impairment",
+                    self.run_id,
+                    name,
+                    result.stderr.strip(),
+                )
+                return False
+            if index == 0:
+                self._impaired.append((name, "netem"))
+        return True
+
+    def _start_daemon(self, name: str, module: str, args: list[str]) -> subprocess.Popen[str]:
+        """``python -m module args`` in node *name*; returns once it said ``ready`` (its queue is bound)."""
+        logfile = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed at teardown, read by daemon_log
+        self._daemon_logs[name] = logfile
+        proc = self.node(name).popen(
+            [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=logfile, text=True
+        )
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], DAEMON_START_S)
+        line = proc.stdout.readline().strip() if ready else ""
+        if line != READY_LINE:
+            raise RuntimeError(
+                f"lab {self.run_id}: {module} did not start in {name} within {DAEMON_START_S:g} s "
+                f"(said {line!r}):\n{self.daemon_log(name)}"
+            )
+        return proc
+
+    def daemon_log(self, name: str) -> str:
+        """What the daemon of node *name* (userspace NAT or impairment) wrote to stderr so far."""
+        logfile = self._daemon_logs.get(name)
+        if logfile is None or logfile.closed:
+            return ""
+        logfile.flush()
+        logfile.seek(0)
+        text: str = logfile.read()
+        return text
 
     # --- teardown ----------------------------------------------------------------------------------------
 
@@ -306,6 +396,9 @@ class Lab:
             return
         self._stop_processes()
         self._undo_nat_rules()
+        self._undo_impairments()
+        for logfile in self._daemon_logs.values():
+            logfile.close()
         namespaces = [ns for ns in self.namespaces.values() if (NETNS_DIR / ns).exists()]
         try:
             kill_netns_processes(namespaces)
@@ -340,26 +433,37 @@ class Lab:
                     with contextlib.suppress(OSError):
                         stream.close()
 
+    def _undo_impairments(self) -> None:
+        impaired, self._impaired = self._impaired, []
+        for name, backend in impaired:
+            if backend == "netem":
+                for iface in self.topology.interfaces(name):
+                    self._undo(name, ["tc", "qdisc", "del", "dev", iface.ifname, "root"], None)
+            else:
+                self._undo(name, ["iptables-restore", "-w"], impair.iptables_undo())
+
+    def _undo(self, name: str, argv: list[str], text: str | None) -> None:
+        """Run an undo command in node *name* if its namespace still exists; failures are logged."""
+        if not (NETNS_DIR / self.namespaces[name]).exists():
+            return
+        undo = subprocess.run(
+            ["ip", "netns", "exec", self.namespaces[name], *argv],
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        if undo.returncode != 0:
+            log.warning("lab %s: undo %s on %s failed: %s", self.run_id, argv[0], name, undo.stderr.strip())
+
     def _undo_nat_rules(self) -> None:
         # mininet style: a NAT removes what it installed, even though removing the namespace would drop it
         # too.
         nats, self._nats_configured = self._nats_configured, []
         for name in nats:
-            if not (NETNS_DIR / self.namespaces[name]).exists():
-                continue
             profile = get_profile(self.topology.node(name).profile or "")
-            undo = subprocess.run(
-                ["ip", "netns", "exec", self.namespaces[name], "iptables-restore", "-w"],
-                input=profile.iptables_undo(),
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            )
-            if undo.returncode != 0:
-                log.warning(
-                    "lab %s: undoing NAT rules on %s failed: %s", self.run_id, name, undo.stderr.strip()
-                )
+            self._undo(name, ["iptables-restore", "-w"], profile.iptables_undo())
 
 
 def _link_up(ipr: Any, ifname: str) -> None:
@@ -376,7 +480,7 @@ def _signal_proc(proc: subprocess.Popen[Any], own_group: bool, sig: signal.Signa
             proc.send_signal(sig)
 
 
-# --- process-wide teardown guard ---------------------------------------------------------------------------
+# --- process-wide teardown guard ----------------------------------------------------------------------------
 
 
 @dataclass

@@ -7,11 +7,18 @@ Addressing follows two rules that make the lab honest:
   real host.
 * Core routers get static routes to every public (TEST-NET) subnet, computed by BFS over the router graph, and
   *no* route to private space, as on the internet. A packet that escapes a NAT untranslated (e.g. a conntrack
-  INVALID one) is therefore dropped in the core instead of quietly reaching the peer.
+  INVALID one) is therefore dropped in the core instead of quietly reaching the peer. A public subnet behind a
+  NAT node (the LAN of a profile without translation: an open router or a stateful firewall) is routed via
+  that node's WAN address.
 
 Hosts and NATs have a single default route: a host's via the peer of its first interface, a NAT's via the
 peer of its ``wan`` interface. A NAT has exactly the interfaces ``lan`` and ``wan`` (the profile's rules
-name them).
+name them). A double NAT (a profile with ``layers``) is two NAT nodes in a row: ``cpe-x`` (the home router,
+LAN 10.0.x.0/24) behind ``nat-x`` (the carrier-grade NAT, LAN in 100.64.0.0/10, RFC 6598).
+
+Address plan of ``two_nats``: core links are /30s of 198.51.100.0/25; the vantage hosts ``probe1`` and
+``probe2`` and the public LANs of NAT-less profiles use 198.51.100.128/25; the server is 203.0.113.10.
+192.0.2.0/24 is left to tests that add hosts of their own.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from rawpunch.lab.profiles import PROFILES, get_profile
+
+if TYPE_CHECKING:  # only passed through here; importing it would shadow ``python -m rawpunch.lab.impair``
+    from rawpunch.lab.impair import Impairment
 
 Role = Literal["host", "nat", "router"]
 ROLES: tuple[str, ...] = ("host", "nat", "router")
@@ -39,12 +49,20 @@ PUBLIC_RANGES: tuple[IPv4Network, ...] = (
 PRIVATE_RANGES: tuple[IPv4Network, ...] = (IPv4Network("10.0.0.0/8"), IPv4Network("100.64.0.0/10"))
 
 DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
-CORE_NET = IPv4Network("198.51.100.0/24")
+CORE_NET = IPv4Network("198.51.100.0/25")
 CORE_LINK_PREFIX = 30
 SERVER_NET = IPv4Network("203.0.113.0/24")
 SERVER_ADDR = IPv4Address("203.0.113.10")
-#: The core links of two_nats are /30s carved from 198.51.100.0/24: hops + 1 of them must fit.
+#: The core links of two_nats are /30s carved from 198.51.100.0/25: hops + 1 of them must fit.
 MAX_HOPS = 2 ** (CORE_LINK_PREFIX - CORE_NET.prefixlen) - 1
+#: The vantage hosts of the NAT self-test, on the middle router (two different public addresses).
+PROBES: tuple[str, ...] = ("probe1", "probe2")
+PROBE_NETS: tuple[IPv4Network, ...] = (IPv4Network("198.51.100.128/30"), IPv4Network("198.51.100.132/30"))
+#: The LAN of a side whose profile does not translate: the host is publicly addressed.
+PUBLIC_LANS = {"a": IPv4Network("198.51.100.160/28"), "b": IPv4Network("198.51.100.176/28")}
+PRIVATE_LANS = {"a": IPv4Network("10.0.1.0/24"), "b": IPv4Network("10.0.2.0/24")}
+#: The link between a double NAT's home router and its carrier-grade NAT (RFC 6598 shared space).
+CGNAT_LINKS = {"a": IPv4Network("100.64.1.0/24"), "b": IPv4Network("100.64.2.0/24")}
 
 # Node names become part of namespace names (rp-<run>-<node>) and of files: keep them boring.
 _NODE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -68,13 +86,17 @@ def is_private(net: IPv4Network | IPv4Address) -> bool:
 
 @dataclass(frozen=True)
 class Node:
-    """A namespace of the lab. NATs carry the name of their profile (see profiles.PROFILES)."""
+    """A namespace of the lab. NATs carry the name of their profile (see profiles.PROFILES); a core router
+    may impair what it forwards (latency, jitter, loss: see impair.py)."""
 
     name: str
     role: Role
     profile: str | None = None
+    impairment: Impairment | None = None
 
     def __post_init__(self) -> None:
+        if self.impairment is not None and self.role != "router":
+            raise ValueError(f"node {self.name!r}: only core routers impair traffic (role is {self.role!r})")
         if not _NODE_NAME.match(self.name):
             raise ValueError(f"node name {self.name!r}: use 1-32 of [a-z0-9-], starting with a letter")
         if self.role not in ROLES:
@@ -84,7 +106,11 @@ class Node:
                 raise ValueError(
                     f"NAT node {self.name!r} needs a profile; known: {', '.join(sorted(PROFILES))}"
                 )
-            get_profile(self.profile)
+            if get_profile(self.profile).layers:
+                raise ValueError(
+                    f"NAT node {self.name!r}: {self.profile!r} is a double NAT; give each layer its own node "
+                    "(two_nats does)"
+                )
         elif self.profile is not None:
             raise ValueError(f"node {self.name!r}: only NAT nodes have a profile (role is {self.role!r})")
 
@@ -214,6 +240,22 @@ class Topology:
         for iface in self.interfaces(name):
             yield iface.peer
 
+    def nat_chain(self, host: str) -> tuple[str, ...]:
+        """The NAT nodes between *host* and the core, innermost first (empty for a host in the core)."""
+        chain: list[str] = []
+        gateway = self.interfaces(host)[0].peer
+        while self.node(gateway).role == "nat" and gateway not in chain:
+            chain.append(gateway)
+            gateway = self.interface(gateway, "wan").peer
+        return tuple(chain)
+
+    def seen_address(self, host: str) -> IPv4Address:
+        """The address the internet sees *host* at: its outermost translating NAT's, else its own."""
+        for nat in reversed(self.nat_chain(host)):
+            if get_profile(self.node(nat).profile or "").nat:
+                return self.public_address(nat)
+        return self.address(host)
+
     # --- validation ----------------------------------------------------------------------------------------
 
     def _validate(self) -> None:
@@ -283,6 +325,7 @@ def _router_routes(topo: Topology, router: str) -> tuple[Route, ...]:
         if subnet in attached:
             continue
         candidates = [first_hop[r] for r in _routers_on(topo, subnet) if r in first_hop]
+        candidates += _entries_behind(topo, router, subnet, first_hop)
         if not candidates:
             raise ValueError(
                 f"core router {router!r} cannot reach public subnet {subnet}: the core is disconnected"
@@ -290,6 +333,26 @@ def _router_routes(topo: Topology, router: str) -> tuple[Route, ...]:
         _distance, gateway = min(candidates, key=lambda c: c[0])
         result.append(Route(subnet, gateway))
     return tuple(result)
+
+
+def _entries_behind(
+    topo: Topology, router: str, subnet: IPv4Network, first_hop: dict[str, tuple[int, IPv4Address]]
+) -> list[tuple[int, IPv4Address]]:
+    """(distance, gateway) for a public subnet on the LAN side of a NAT node: via the NAT's WAN address from
+    the router it hangs off, via the first hop towards that router from the others."""
+    result = []
+    for link in topo.links:
+        if link.subnet != subnet:
+            continue
+        for end in (link.a, link.b):
+            if topo.node(end).role != "nat" or link.end(end)[0] != "lan":
+                continue
+            wan = topo.interface(end, "wan")
+            if wan.peer == router:
+                result.append((0, wan.address.ip))
+            elif wan.peer in first_hop:
+                result.append(first_hop[wan.peer])
+    return result
 
 
 def _routers_on(topo: Topology, subnet: IPv4Network) -> list[str]:
@@ -315,7 +378,7 @@ def _bfs_first_hops(topo: Topology, start: str) -> dict[str, tuple[int, IPv4Addr
     return result
 
 
-# --- builders ----------------------------------------------------------------------------------------------
+# --- builders -----------------------------------------------------------------------------------------------
 
 
 def _core_subnets(count: int) -> list[IPv4Network]:
@@ -331,34 +394,60 @@ def _p2p(a: str, a_if: str, b: str, b_if: str, subnet: IPv4Network) -> Link:
     return Link(a, b, subnet, next(hosts), next(hosts), a_if, b_if)
 
 
-def two_nats(hops: int = 2, profile_a: str = "eim-apdf", profile_b: str = "eim-apdf") -> Topology:
+def _side(side: str, profile_name: str) -> tuple[list[Node], list[Link]]:
+    """Host *side* and its NAT(s), innermost link first; the outermost NAT is ``nat-<side>``."""
+    profile = get_profile(profile_name)
+    host, nat = side, f"nat-{side}"
+    if not profile.layers:
+        lan = PRIVATE_LANS[side] if profile.nat else PUBLIC_LANS[side]
+        return [Node(host, "host"), Node(nat, "nat", profile_name)], [_p2p(nat, "lan", host, "eth0", lan)]
+    if len(profile.layers) != 2:
+        raise ValueError(f"NAT profile {profile_name!r}: two_nats builds double NATs (two layers) only")
+    inner, outer = profile.layers
+    cpe = f"cpe-{side}"
+    nodes = [Node(host, "host"), Node(cpe, "nat", inner), Node(nat, "nat", outer)]
+    links = [
+        _p2p(cpe, "lan", host, "eth0", PRIVATE_LANS[side]),
+        _p2p(nat, "lan", cpe, "wan", CGNAT_LINKS[side]),
+    ]
+    return nodes, links
+
+
+def two_nats(
+    hops: int = 2,
+    profile_a: str = "eim-apdf",
+    profile_b: str = "eim-apdf",
+    *,
+    probes: bool = False,
+    impairment: Impairment | None = None,
+) -> Topology:
     """Two hosts behind two NATs, *hops* core routers between the NATs, a server on the middle router::
 
         a -- nat-a [lan | wan] -- r1 -- ... -- rN -- [wan | lan] nat-b -- b
                                        |
-                     server (203.0.113.10) on r((N+1)//2)
+                     server (203.0.113.10) on r((N+1)//2)     (+ probe1, probe2 there with probes=True)
 
     a is 10.0.1.2 behind nat-a's 10.0.1.1, b is 10.0.2.2 behind nat-b's 10.0.2.1; the WAN and core links are
-    /30s of 198.51.100.0/24. With hops >= 2, a packet from a with TTL 2 passes nat-a and expires at r1, before
+    /30s of 198.51.100.0/25. With hops >= 2, a packet from a with TTL 2 passes nat-a and expires at r1, before
     it could reach nat-b: the low-TTL priming of a NAT mapping is possible.
+
+    A profile without translation puts its host in 198.51.100.160/28 (a) or .176/28 (b); a double NAT adds
+    ``cpe-a`` (home router, 10.0.1.1) in front of nat-a (carrier-grade NAT, LAN 100.64.1.0/24). *probes*
+    adds the self-test's vantage hosts; *impairment* makes the middle router, which every path between
+    a, b, the server and the probes crosses once, delay and drop what it forwards.
     """
     if isinstance(hops, bool) or not isinstance(hops, int):
         raise ValueError(f"hops must be an int, got {hops!r}")
     if not 1 <= hops <= MAX_HOPS:
         raise ValueError(f"hops must be between 1 and {MAX_HOPS} (core routers between the NATs), got {hops}")
-    get_profile(profile_a)
-    get_profile(profile_b)
+    nodes_a, links_a = _side("a", profile_a)
+    nodes_b, links_b = _side("b", profile_b)
 
     routers = [f"r{i}" for i in range(1, hops + 1)]
     middle = routers[(hops + 1) // 2 - 1]
-    nodes = (
-        Node("a", "host"),
-        Node("nat-a", "nat", profile_a),
-        *(Node(r, "router") for r in routers),
-        Node("nat-b", "nat", profile_b),
-        Node("b", "host"),
-        Node("server", "host"),
-    )
+    router_nodes = [Node(r, "router", impairment=impairment if r == middle else None) for r in routers]
+    extra = [Node(p, "host") for p in PROBES] if probes else []
+    nodes = (*nodes_a, *router_nodes, *nodes_b, Node("server", "host"), *extra)
     chain = ["nat-a", *routers, "nat-b"]
     next_if = {r: 0 for r in routers}
 
@@ -369,11 +458,13 @@ def two_nats(hops: int = 2, profile_a: str = "eim-apdf", profile_b: str = "eim-a
             return name
         return nat_side
 
-    # A NAT's LAN side gets .1 (the gateway), its host .2.
-    links = [_p2p("nat-a", "lan", "a", "eth0", IPv4Network("10.0.1.0/24"))]
+    links = list(links_a)
     for (left, right), subnet in zip(itertools.pairwise(chain), _core_subnets(hops + 1), strict=True):
         links.append(_p2p(left, ifname(left, "wan"), right, ifname(right, "wan"), subnet))
-    links.append(_p2p("nat-b", "lan", "b", "eth0", IPv4Network("10.0.2.0/24")))
+    links += links_b
     router_addr = next(SERVER_NET.hosts())
     links.append(Link(middle, "server", SERVER_NET, router_addr, SERVER_ADDR, ifname(middle, ""), "eth0"))
+    if probes:
+        for probe, subnet in zip(PROBES, PROBE_NETS, strict=True):
+            links.append(_p2p(middle, ifname(middle, ""), probe, "eth0", subnet))
     return Topology(nodes, tuple(links))

@@ -43,12 +43,29 @@ The conntrack behaviours the punch depends on (see FACTS.md, "What happens to TC
 * A SYN with a higher sequence number than its side sent before, in SYN_SENT or SYN_RECV, re-initialises
   that side (Linux 6.x ``tcp_in_window``): the priming SYN may use ISN - 1 and the real SYN the ISN.
 
+Beyond Linux: the behaviours of the lab's userspace NAT (``rawpunch.lab.usernat`` drives this model)
+--------------------------------------------------------------------------------------------------------
+* **Filtering** (RFC 4787 section 5, RFC 5382 REQ-3). A segment from the WAN that matches no entry is let
+  in when the profile's filtering admits it through an existing *mapping* (a live entry holding the public
+  port): endpoint-independent from anyone, address-dependent from any port of an address that entry talks
+  to. It then opens an entry of its own whose original direction is WAN -> LAN (``Conntrack.inbound``), as
+  conntrack does for a DNATed flow, and the LAN endpoint's stack answers it. This needs each public port to
+  belong to one LAN endpoint (RFC 5382 REQ-7: no port overloading), so profiles with Linux's overloading port
+  preservation and such filtering are refused up front.
+* **Hairpinning** (RFC 4787 REQ-9, RFC 5382 REQ-8). A LAN segment to the NAT's own public address is
+  translated twice: outbound as to any remote (a mapping of its own), then inbound through the filter, so
+  the LAN endpoint behind the mapping sees the sender's *public* endpoint (REQ-8a, "external source IP
+  address and port"). With hairpinning off such a segment is for the box's own stack, which the model does
+  not emulate: ``outbound`` raises ``NotImplementedError``.
+* **Allocation and mapping**: sequential and random allocation, address-dependent and address-and-port-
+  dependent mapping (the allocator below).
+
 Simplifications: no SACK blocks, timestamps (PAWS), NAT sequence offsets, ``be_liberal``, max-retrans
 shortening of timeouts, the CLOSE-state RST sequence checks or the IGNORE resync heuristic; ICMP itself has
 no TTL. Endpoint-independent mapping is idealised: a LAN endpoint keeps its public port for every
-destination, where Linux merely tries to preserve the source port each time. Filtering other than
-address-and-port-dependent, and hairpinning, raise ``NotImplementedError``; the other mapping and allocation
-behaviours are implemented.
+destination, where Linux merely tries to preserve the source port each time. A hairpinned segment the
+filter refuses is dropped (a real box might answer it). Profiles without translation (``nat=False``) and
+double NATs (``layers``) are not one NAT box and are refused.
 """
 
 from __future__ import annotations
@@ -175,7 +192,12 @@ class Seen:
 
 @dataclass(frozen=True)
 class Conntrack:
-    """One conntrack entry: the flow as the LAN host sent it, and as the remote answers (after SNAT)."""
+    """One conntrack entry: the flow as its first packet went, and the way back (after translation).
+
+    Usually the LAN host opened it (``original`` = LAN -> remote, ``reply`` = remote -> public endpoint);
+    an ``inbound`` entry was opened from the WAN through a filter that admitted it (``original`` = remote ->
+    public endpoint, ``reply`` = LAN -> remote).
+    """
 
     original: FlowTuple
     reply: FlowTuple
@@ -187,14 +209,24 @@ class Conntrack:
     close_init: bool = False  # IP_CT_TCP_FLAG_CLOSE_INIT
     liberal: bool = False  # IP_CT_TCP_FLAG_BE_LIBERAL, set on mid-stream pickup
     last: tuple[Direction, CtIndex] | None = None  # last_dir, last_index
+    inbound: bool = False  # opened from the WAN (endpoint-independent or address-dependent filtering)
+
+    @property
+    def wan(self) -> FlowTuple:
+        """The flow as it travels on the WAN towards the NAT: (remote, public endpoint)."""
+        return self.original if self.inbound else self.reply
 
     @property
     def public(self) -> Endpoint:
-        return self.reply[1]
+        return self.wan[1]
+
+    @property
+    def remote(self) -> Endpoint:
+        return self.wan[0]
 
     @property
     def lan(self) -> Endpoint:
-        return self.original[0]
+        return self.reply[0] if self.inbound else self.original[0]
 
 
 @dataclass(frozen=True)
@@ -243,10 +275,14 @@ class Nat:
     seed: int = 0  # for "random" allocation and port-preserving's fallback
 
     def __post_init__(self) -> None:
-        if self.profile.filtering != "address-and-port-dependent":
+        profile = self.profile
+        if not profile.nat or profile.layers:
+            raise NotImplementedError(f"NAT model: profile {profile.name!r} is not one NAT box")
+        if profile.filtering != "address-and-port-dependent" and profile.port_overloading:
             raise NotImplementedError(
-                f"NAT model: filtering={self.profile.filtering} is not modelled (only Linux's "
-                "address-and-port-dependent filtering); the userspace NAT will need it"
+                f"NAT model: filtering={profile.filtering} lets a segment in through a mapping, which needs "
+                f"each public port to belong to one LAN endpoint (RFC 5382 REQ-7); profile {profile.name!r} "
+                "overloads ports like Linux's port preservation (set port_overloading=False)"
             )
 
     def live(self, now: float) -> Iterator[Conntrack]:
@@ -254,24 +290,39 @@ class Nat:
 
     def mapping(self, lan: Endpoint, remote: Endpoint, now: float) -> Endpoint | None:
         """The public endpoint of the live flow ``lan`` -> ``remote``, if any."""
-        entry = _find(self, (lan, remote), Direction.ORIGINAL, now)
+        entry = self.entry(lan, remote, now)
         return entry.public if entry else None
 
     def entry(self, lan: Endpoint, remote: Endpoint, now: float) -> Conntrack | None:
-        return _find(self, (lan, remote), Direction.ORIGINAL, now)
+        found = _lookup(self, (lan, remote), now)
+        return found[0] if found else None
+
+    def purge(self, now: float) -> Nat:
+        """The same NAT without its expired entries (they are ignored anyway; this keeps lookups short)."""
+        return replace(self, entries=tuple(self.live(now)))
 
 
 # --- the three entry points -------------------------------------------------------------------------------
 
 
 def outbound(nat: Nat, seg: Segment, now: float) -> tuple[Nat, Verdict]:
-    """A segment from the LAN towards the WAN."""
+    """A segment from the LAN towards the WAN (or, hairpinned, to the NAT's own public address)."""
     if seg.dst.host == nat.public_ip:
-        raise NotImplementedError("NAT model: hairpinning (LAN to the NAT's own public address)")
-    entry = _find(nat, (seg.src, seg.dst), Direction.ORIGINAL, now)
-    if entry is None:
+        if not nat.profile.hairpin:
+            raise NotImplementedError(
+                f"NAT model: hairpinning is off in profile {nat.profile.name!r}: a LAN segment to the NAT's "
+                "own public address is for the box's own stack, which is not modelled"
+            )
+        return _hairpin(nat, seg, now)
+    return _outbound(nat, seg, now)
+
+
+def _outbound(nat: Nat, seg: Segment, now: float) -> tuple[Nat, Verdict]:
+    found = _lookup(nat, (seg.src, seg.dst), now)
+    if found is None:
         return _new_flow(nat, seg, now)
-    outcome, tracked, reason = track(entry, Direction.ORIGINAL, seg, now)
+    entry, direction = found
+    outcome, tracked, reason = track(entry, direction, seg, now)
     if outcome is Outcome.REOPEN:
         return _new_flow(_without(nat, entry), seg, now)
     if outcome is Outcome.INVALID:
@@ -285,15 +336,16 @@ def inbound(nat: Nat, seg: Segment, now: float) -> tuple[Nat, Verdict]:
     """A segment from the WAN to the NAT's public address."""
     if seg.dst.host != nat.public_ip:
         return nat, Drop(f"not addressed to this NAT ({nat.public_ip})")
-    entry = _find(nat, (seg.src, seg.dst), Direction.REPLY, now)
-    if entry is None:
-        return nat, unsolicited(nat, seg, "no conntrack entry")
-    outcome, tracked, reason = track(entry, Direction.REPLY, seg, now)
+    found = _lookup(nat, (seg.src, seg.dst), now)
+    if found is None:
+        return _admit(nat, seg, now, "no conntrack entry")
+    entry, direction = found
+    outcome, tracked, reason = track(entry, direction, seg, now)
     nat = _replace(nat, entry, tracked)
     if outcome is Outcome.INVALID:
         return nat, unsolicited(nat, seg, f"INVALID ({reason}), not de-NATed")
-    if outcome is Outcome.REOPEN:  # entry deleted; as a new flow from the WAN it is for the router itself
-        return nat, unsolicited(nat, seg, "closed entry reopened from outside")
+    if outcome is Outcome.REOPEN:  # entry deleted; a new flow from the WAN, if the filter admits one
+        return _admit(nat, seg, now, "closed entry reopened from outside")
     if seg.ttl <= 1:
         return nat, Answer(_time_exceeded(nat.public_ip, seg))
     return nat, Forward(_hop(seg.with_(dst=entry.lan)))
@@ -303,10 +355,11 @@ def inbound_icmp(nat: Nat, icmp: Icmp, now: float) -> tuple[Nat, Verdict]:
     """An ICMP error from the WAN about a packet this NAT sent: RELATED to its entry, translated back
     (``nf_nat_icmp_reply_translation``). conntrack's TCP state does not change."""
     quoted = icmp.quoted
-    entry = _find(nat, (quoted.dst, quoted.src), Direction.REPLY, now)
-    if icmp.dst != nat.public_ip or entry is None:
+    found = _lookup(nat, (quoted.dst, quoted.src), now)
+    if icmp.dst != nat.public_ip or found is None:
         return nat, Drop("ICMP error about no flow of this NAT")
-    return nat, Forward(replace(icmp, dst=entry.lan.host, quoted=quoted.with_(src=entry.lan)))
+    lan = found[0].lan
+    return nat, Forward(replace(icmp, dst=lan.host, quoted=quoted.with_(src=lan)))
 
 
 def route(seg: Segment, router_ip: str) -> Verdict:
@@ -472,29 +525,83 @@ def _pair(direction: Direction, sender: Seen, receiver: Seen) -> tuple[Seen, See
 # --- new flows and port allocation -----------------------------------------------------------------------
 
 
+def _opening_state(seg: Segment) -> CtState:
+    """``tcp_new``: the state a flow's first segment opens (sIV: it opens none)."""
+    if seg.flags & ~Flags.PSH not in _VALID_FLAGS:
+        return sIV
+    return TCP_CONNTRACKS[(Direction.ORIGINAL, conntrack_index(seg), sNO)]
+
+
 def _new_flow(nat: Nat, seg: Segment, now: float) -> tuple[Nat, Verdict]:
     """``tcp_new`` and SNAT for a LAN flow's first packet; the entry is kept only if the packet passes."""
-    index = conntrack_index(seg)
-    new = TCP_CONNTRACKS[(Direction.ORIGINAL, index, sNO)]
-    if seg.flags & ~Flags.PSH not in _VALID_FLAGS or new is sIV:
+    new = _opening_state(seg)
+    if new is sIV:
+        index = conntrack_index(seg)
         return nat, Drop(f"INVALID ({index.value} opens no flow): not NATed, dropped in FORWARD")
     if seg.ttl <= 1:
         return nat, Answer(_time_exceeded(nat.lan_ip, seg))
     port, nat = _allocate(nat, seg.src, seg.dst, now)
     public = Endpoint(nat.public_ip, port)
+    entry = _open_entry((seg.src, seg.dst), (seg.dst, public), seg, new, now)
+    return replace(nat, entries=(*nat.entries, entry)), Forward(_hop(seg.with_(src=public)))
+
+
+def _admit(nat: Nat, seg: Segment, now: float, why: str) -> tuple[Nat, Verdict]:
+    """A WAN segment no entry claims: a new inbound flow if the filter admits it, else unsolicited."""
+    owner = _admitted_owner(nat, seg, now)
+    if owner is None:
+        return nat, unsolicited(nat, seg, why)
+    new = _opening_state(seg)
+    if new is sIV:
+        return nat, unsolicited(nat, seg, f"INVALID ({conntrack_index(seg).value} opens no flow)")
+    if seg.ttl <= 1:
+        return nat, Answer(_time_exceeded(nat.public_ip, seg))
+    entry = _open_entry((seg.src, seg.dst), (owner, seg.src), seg, new, now, inbound=True)
+    return replace(nat, entries=(*nat.entries, entry)), Forward(_hop(seg.with_(dst=owner)))
+
+
+def _admitted_owner(nat: Nat, seg: Segment, now: float) -> Endpoint | None:
+    """The LAN endpoint behind ``seg.dst`` if the profile's filtering lets ``seg.src`` reach it through the
+    mapping (RFC 4787 section 5); address-and-port-dependent filtering admits nothing without an entry."""
+    filtering = nat.profile.filtering
+    if filtering == "address-and-port-dependent":
+        return None
+    for e in nat.live(now):
+        if e.public == seg.dst and (filtering == "endpoint-independent" or e.remote.host == seg.src.host):
+            return e.lan
+    return None
+
+
+def _open_entry(
+    original: FlowTuple, reply: FlowTuple, seg: Segment, new: CtState, now: float, inbound: bool = False
+) -> Conntrack:
+    """A fresh entry for the flow whose first segment is ``seg`` (``new``: SYN_SENT, or ESTABLISHED for a
+    loose pickup of a flow already in progress, ``nf_conntrack_tcp_loose = 1``)."""
     end = seq_add(seg.seq, len(seg.payload) + int(seg.syn))
     if new is sSS:
         first, _ = _init_sender(Direction.ORIGINAL, seg, Seen(), end)
         seen, liberal, timeout = (first, Seen()), False, TIMEOUTS[sSS]
-    else:  # loose pickup of a flow already in progress (nf_conntrack_tcp_loose = 1)
+    else:
         window = max(seg.window, 1)
         mid = Seen(end, seq_add(end, window), window)
         seen, liberal, timeout = (mid, Seen(seg.ack, seg.ack)), True, TIMEOUT_UNACKNOWLEDGED
-    entry = Conntrack(
-        (seg.src, seg.dst), (seg.dst, public), new, now + timeout, seen, liberal=liberal,
-        last=(Direction.ORIGINAL, index),
+    return Conntrack(
+        original, reply, new, now + timeout, seen, liberal=liberal,
+        last=(Direction.ORIGINAL, conntrack_index(seg)), inbound=inbound,
     )  # fmt: skip
-    return replace(nat, entries=(*nat.entries, entry)), Forward(_hop(seg.with_(src=public)))
+
+
+def _hairpin(nat: Nat, seg: Segment, now: float) -> tuple[Nat, Verdict]:
+    """Outbound as to any remote, then back in through the filter (RFC 5382 REQ-8a: the LAN endpoint sees
+    the sender's public endpoint). One hop in all: the TTL is decremented once."""
+    nat, first = _outbound(nat, seg, now)
+    if not isinstance(first, Forward) or not isinstance(first.item, Segment):
+        return nat, first
+    nat, second = inbound(nat, first.item.with_(ttl=seg.ttl), now)
+    if isinstance(second, Forward):
+        return nat, second
+    why = second.reason if isinstance(second, Drop | Answer) else ""
+    return nat, Drop(f"hairpinned segment not let in: {why}")
 
 
 def _allocate(nat: Nat, lan: Endpoint, remote: Endpoint, now: float) -> tuple[int, Nat]:
@@ -531,18 +638,20 @@ def _shares_mapping(profile: NatProfile, e: Conntrack, lan: Endpoint, remote: En
     if profile.mapping == "endpoint-independent":
         return True
     if profile.mapping == "address-dependent":
-        return e.original[1].host == remote.host
+        return e.remote.host == remote.host
     return False  # address-and-port-dependent: each destination endpoint gets its own mapping
 
 
 def _port_free(nat: Nat, live: list[Conntrack], lan: Endpoint, remote: Endpoint, port: int) -> bool:
-    """Linux's rule (``nf_nat_used_tuple``): the reply tuple must be unique. The non-Linux allocations are
-    also RFC 4787-strict: a public port belongs to one LAN endpoint."""
+    """Linux's rule (``nf_nat_used_tuple``): the flow's WAN tuple must be unique. Without port overloading
+    (RFC 4787 REQ-3, RFC 5382 REQ-7; always for sequential and random allocation) a public port also
+    belongs to one LAN endpoint."""
     public = Endpoint(nat.public_ip, port)
+    exclusive = not nat.profile.port_overloading
     for e in live:
-        if e.reply == (remote, public):
+        if e.wan == (remote, public):
             return False
-        if nat.profile.allocation != "port-preserving" and e.public == public and e.lan != lan:
+        if exclusive and e.public == public and e.lan != lan:
             return False
     return True
 
@@ -558,10 +667,13 @@ def _random_order(nat: Nat, lan: Endpoint, remote: Endpoint) -> Iterator[int]:
 # --- table helpers -----------------------------------------------------------------------------------------
 
 
-def _find(nat: Nat, flow: FlowTuple, direction: Direction, now: float) -> Conntrack | None:
+def _lookup(nat: Nat, flow: FlowTuple, now: float) -> tuple[Conntrack, Direction] | None:
+    """The live entry ``flow`` (source, destination as the packet travels) belongs to, and its direction."""
     for e in nat.live(now):
-        if (e.original if direction is Direction.ORIGINAL else e.reply) == flow:
-            return e
+        if e.original == flow:
+            return e, Direction.ORIGINAL
+        if e.reply == flow:
+            return e, Direction.REPLY
     return None
 
 

@@ -34,9 +34,16 @@ pytestmark = pytest.mark.root
 ECHO_PORT = 7000
 #: a port a listens on but that no NAT forwards: inbound SYNs to it are unsolicited
 INBOUND_PORT = 4000
-ALL_PROFILES = sorted(PROFILES)
-#: what a client sees when its SYN reaches a NAT's public address unsolicited
-UNSOLICITED_OUTCOME = {"drop": "timeout", "rst": "refused"}
+#: The plain Linux MASQUERADE profiles (port preserved, conntrack holds the mapping); every profile's own
+#: behaviour is checked by the self-test (test_profiles.py).
+ALL_PROFILES = sorted(
+    name
+    for name, p in PROFILES.items()
+    if p.backend == "netfilter" and p.nat and p.allocation == "port-preserving"
+)
+#: what a client sees when its SYN reaches a NAT's public address unsolicited (ICMP port unreachable aborts
+#: a connect in SYN_SENT with ECONNREFUSED, like a RST)
+UNSOLICITED_OUTCOME = {"drop": "timeout", "rst": "refused", "icmp": "refused"}
 
 LabFactory = Callable[..., Lab]
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections import deque
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from rawpunch.lab import cli as lab_cli
-from rawpunch.lab.profiles import COMMENT_TAG, PROFILES, NatProfile
+from rawpunch.lab.impair import Impairment
+from rawpunch.lab.profiles import PROFILES
 from rawpunch.lab.topology import (
+    CORE_NET,
     DEFAULT_ROUTE,
     MAX_HOPS,
     PRIVATE_RANGES,
+    PROBES,
     PUBLIC_RANGES,
     Link,
     Node,
@@ -56,7 +58,7 @@ def path(topo: Topology, src: str, dst: IPv4Address) -> list[str] | None:
     return visited
 
 
-# --- two_nats ----------------------------------------------------------------------------------------------
+# --- two_nats -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("hops", HOPS)
@@ -147,7 +149,7 @@ def test_interface_names_fit_linux() -> None:
     assert {i.ifname for i in topo.interfaces("nat-a")} == {"lan", "wan"}
 
 
-# --- errors ------------------------------------------------------------------------------------------------
+# --- errors -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("hops", [0, -1, MAX_HOPS + 1, True, 2.0, "2"])
@@ -280,49 +282,52 @@ def test_static_routes_follow_breadth_first_distances() -> None:
             assert trail is not None and len(trail) - 1 == distance[other], (start, other, trail)
 
 
-# --- profiles (the data NAT nodes name) -------------------------------------------------------------------
+# --- probes, NAT-less sides, double NAT, impairment ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(PROFILES))
-def test_profile_rules(name: str) -> None:
-    profile = PROFILES[name]
-    text = profile.iptables_restore(lan="lan", wan="wan")
-    rules = [line for line in text.splitlines() if line.startswith("-A ")]
-    assert all(f'--comment "{COMMENT_TAG} ' in r for r in rules)
-    forward = [r for r in rules if r.startswith("-A FORWARD")]
-    # INVALID must be dropped before anything is accepted: it is never NATed and would leak a private source.
-    assert "--ctstate INVALID " in forward[0] and forward[0].endswith("-j DROP")
-    assert ":FORWARD DROP" in text
-    assert "-A POSTROUTING -o wan" in text and "MASQUERADE" in text
-    drops_input = any(r.startswith("-A INPUT -i wan") and r.endswith("-j DROP") for r in rules)
-    assert drops_input == (profile.unsolicited_syn == "drop")
-    undo = profile.iptables_undo()
-    assert "-A " not in undo and ":FORWARD ACCEPT" in undo
+def test_probes_hang_off_the_middle_router_at_two_public_addresses() -> None:
+    topo = two_nats(hops=3, probes=True)
+    addresses = {p: topo.address(p) for p in PROBES}
+    assert len(set(addresses.values())) == 2 and all(is_public(a) for a in addresses.values())
+    for probe in PROBES:
+        assert topo.routes(probe)[0].gateway in {i.address.ip for i in topo.interfaces("r2")}
+        assert path(topo, probe, topo.public_address("nat-a")) is not None
+        assert path(topo, "nat-b", topo.address(probe)) is not None
+    assert not any(n.name in PROBES for n in two_nats().nodes)
 
 
-def test_profile_values_are_checked() -> None:
-    with pytest.raises(ValueError, match="mapping"):
-        NatProfile("x", "d", "full-cone", "address-dependent", "random", "drop")  # type: ignore[arg-type]
-    symmetric = NatProfile(
-        "x", "d", "address-and-port-dependent", "address-and-port-dependent", "random", "drop"
-    )
-    with pytest.raises(NotImplementedError, match=r"no netfilter rendering"):
-        symmetric.iptables_restore()
+@pytest.mark.parametrize("profile", ["open", "firewall"])
+def test_a_side_without_nat_is_publicly_addressed_and_routed(profile: str) -> None:
+    topo = two_nats(hops=2, profile_a=profile, probes=True)
+    host = topo.address("a")
+    assert is_public(host) and host not in CORE_NET
+    assert topo.nat_chain("a") == ("nat-a",) and topo.seen_address("a") == host
+    # The core routes the LAN via the firewall's WAN address; the firewall itself has a default route only.
+    assert path(topo, "server", host) == ["server", "r1", "nat-a", "a"]
+    assert path(topo, "probe1", host) is not None and path(topo, "b", host) is not None
+    assert [r.dest for r in topo.routes("nat-a")] == [DEFAULT_ROUTE]
 
 
-def test_lab_list_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert lab_cli.run_lab(lab_cli_args("list", json=True)) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert [d["name"] for d in data] == list(PROFILES)
-    keys = {"name", "description", "mapping", "filtering", "allocation", "unsolicited_syn"}
-    assert all(set(d) == keys for d in data)
+def test_double_nat_puts_a_home_router_behind_a_carrier_grade_nat() -> None:
+    topo = two_nats(profile_a="double-nat")
+    assert topo.nat_chain("a") == ("cpe-a", "nat-a")
+    assert [topo.node(n).profile for n in ("cpe-a", "nat-a")] == list(PROFILES["double-nat"].layers)
+    assert topo.address("cpe-a") == IPv4Address("10.0.1.1")
+    cgn_link = topo.interface("cpe-a", "wan").address.network
+    assert cgn_link.subnet_of(IPv4Network("100.64.0.0/10"))
+    assert topo.seen_address("a") == topo.public_address("nat-a")
+    # Shared address space (RFC 6598) is private: the core has no route to it.
+    assert path(topo, "server", topo.interface("cpe-a", "wan").address.ip) is None
+    with pytest.raises(ValueError, match="double NAT"):
+        Node("n", "nat", "double-nat")
 
 
-def test_lab_list_text(capsys: pytest.CaptureFixture[str]) -> None:
-    assert lab_cli.run_lab(lab_cli_args("list", json=False)) == 0
-    out = capsys.readouterr().out
-    for name, profile in PROFILES.items():
-        assert name in out and profile.unsolicited_syn in out
+def test_impairment_sits_on_the_middle_router_only() -> None:
+    imp = Impairment(delay_ms=20, jitter_ms=5, loss=0.02)
+    topo = two_nats(hops=3, impairment=imp)
+    assert {n.name: n.impairment for n in topo.nodes if n.impairment} == {"r2": imp}
+    with pytest.raises(ValueError, match="only core routers"):
+        Node("h", "host", impairment=imp)
 
 
 def test_lab_clean_needs_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
