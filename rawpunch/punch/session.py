@@ -10,10 +10,14 @@ This is the asyncio adapter that wires the sans-IO pieces to the kernel::
     authenticate            HMAC challenge both ways on that socket before anyone uses it
 
 Ordering matters (FACTS.md, "TCP_REPAIR"): the queue is bound before the rules go in (a segment in between
-would reach the kernel and be answered with RST); after our splice we keep capturing until the peer's
-splice announces itself with its window probe (``seq == peer ISN``), then stop capturing so our socket
-gets its segments; the RST drop stays until the challenge has crossed both ways, which proves both
-sockets exist, and then every rule goes.
+would reach the kernel and be answered with RST). Once our socket is spliced, the queue passes the flow's
+segments on to it (a verdict change, no iptables call on this path); a peer that has not spliced yet
+still captures our repair-off window probe in its own queue. The RST drop stays until the challenge has
+crossed both ways, which proves both sockets exist, and then every rule goes.
+
+``syn_delay`` (priming SYN to real SYN) covers the skew between the two GOs, which the server's
+RTT-compensated delays keep to the error of the RTT estimates: a quarter of the RTT to the server,
+clamped to 5..50 ms. Too short costs one RTO (the engine reopens after the peer NAT's RST), not the punch.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ from rawpunch.punch.engine import (
     IcmpKind,
     PunchConfig,
     PunchEngine,
-    PunchState,
     event_record,
     options_from_peer_info,
 )
@@ -96,6 +99,7 @@ class _Clock:
         self.start = time.monotonic()
         self.marks: dict[str, float] = {}
         self._last = self.start
+        self.usable_at = self.start  # when the authenticated socket was ready
 
     def phase(self, name: str) -> float:
         now = time.monotonic()
@@ -159,6 +163,7 @@ async def punch(settings: PunchSettings) -> PunchResult:
                 "chosen_by": "--ttl" if settings.priming_ttl else "path probe",
             }
         )
+        syn_delay = min(0.05, max(0.005, (client.core.rtt or 0.2) / 4))
         config = PunchConfig(
             local=local,
             peer=peer,
@@ -169,6 +174,7 @@ async def punch(settings: PunchSettings) -> PunchResult:
             priming_ttl=ttl,
             slot=reg.slot,
             deadline=settings.deadline,
+            syn_delay=syn_delay,
         )
         try:
             with _Capture(settings.pcap, local.port):
@@ -176,7 +182,8 @@ async def punch(settings: PunchSettings) -> PunchResult:
         except PunchError as exc:
             await _report(client, ResultCode.FAILED, paired_at, str(exc))
             raise
-        elapsed = (time.monotonic() - paired_at) * 1000
+        clock.phase("firewall_removal")  # after the socket was usable: not part of elapsed_ms
+        elapsed = (clock.usable_at - paired_at) * 1000
         clock.marks["total"] = round((time.monotonic() - clock.start) * 1000, 2)
         emit(
             {
@@ -205,18 +212,20 @@ async def _punch_and_splice(
         crafted_rst_ttl=config.priming_ttl,
     )
     try:
-        with FirewallGuard(flow) as guard:
+        with FirewallGuard(flow):
             driver.queue.attach(asyncio.get_running_loop())
             go = await client.ready()
             emit({"event": "go", "delay_ms": round(go.delay * 1000, 2)})
             connected = await driver.run()
             clock.phase("punch")
             sock = _splice(connected)
+            # Our socket exists: let the flow's segments reach it. Switching the queue's verdict costs
+            # nothing, where removing the capture rule would cost an iptables-restore on this path.
+            driver.queue.pass_through = True
             clock.phase("splice")
-            await driver.wait_peer_spliced(timeout=max(1.0, 4 * (client.core.rtt or 0.25)))
-            guard.stop_capture()
             await _authenticate(sock, keys, client.core.slot or 0)
             clock.phase("authenticate")
+            clock.usable_at = time.monotonic()
             return sock
     finally:
         driver.close()
@@ -231,16 +240,11 @@ class _EngineDriver:
         self.loop = asyncio.get_running_loop()
         self.wakeup = asyncio.Event()
         self.connected: Connected | None = None
-        self.peer_spliced = asyncio.Event()
         self.queue = SegmentQueue(self._on_segment, on_icmp=self._on_icmp)
         self.sender = RawSender()
 
     def _on_segment(self, seg: Segment) -> None:
         self.engine.receive_segment(seg, self.loop.time())
-        # The peer's repair-off window probe (seq = its ISN, ACK, no SYN) says its socket exists. Judge by
-        # the engine's state, not by our own Connected event: both can arrive in one NFQUEUE batch.
-        if self.engine.state is PunchState.ESTABLISHED and _is_splice_probe(seg, self.engine.config.peer_isn):
-            self.peer_spliced.set()
         self.wakeup.set()
 
     def _on_icmp(self, err: IcmpError) -> None:
@@ -286,22 +290,12 @@ class _EngineDriver:
                 await self._sleep_until_timer()
             self._flush()
 
-    async def wait_peer_spliced(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self.peer_spliced.wait(), timeout)
-        except TimeoutError:
-            log.info("no window probe from the peer within %.1f s; assuming it spliced", timeout)
-
     def close(self) -> None:
         task = getattr(self, "_keepalive", None)
         if task is not None:
             task.cancel()
         self.queue.close()
         self.sender.close()
-
-
-def _is_splice_probe(seg: Segment, peer_isn: int) -> bool:
-    return seg.seq == peer_isn and seg.is_ack and not seg.syn and not seg.rst
 
 
 def _splice(c: Connected) -> socket.socket:
