@@ -263,7 +263,8 @@ class SegmentQueue:
         self._on_icmp = on_icmp
         self._loop: asyncio.AbstractEventLoop | None = None
         self.pass_through = False
-        """Set once the spliced socket exists: packets go on to the kernel, without an iptables change."""
+        """Set once the spliced socket exists: packets are still shown to the callbacks, then go on to the
+        kernel (a verdict, where removing the rule would take an iptables call)."""
         self.received = 0  # segments and ICMP errors handed to the callbacks
         self.rejected = 0  # packets that were neither (dropped unparsed)
         self._nfq: NetfilterQueue | None = None
@@ -340,13 +341,13 @@ class SegmentQueue:
         self.close()
 
     def _on_packet(self, pkt: Any) -> None:
-        if self.pass_through:
-            pkt.accept()  # the flow's kernel socket exists now: it takes its own segments
-            return
         try:
             self._deliver(pkt.get_payload())
         finally:
-            pkt.drop()  # consumed: the kernel must never see it
+            if self.pass_through:
+                pkt.accept()  # the flow's kernel socket exists now: it takes its own segments
+            else:
+                pkt.drop()  # consumed: the kernel must never see it
 
     def _deliver(self, data: bytes) -> None:
         try:

@@ -12,8 +12,10 @@ This is the asyncio adapter that wires the sans-IO pieces to the kernel::
 Ordering matters (FACTS.md, "TCP_REPAIR"): the queue is bound before the rules go in (a segment in between
 would reach the kernel and be answered with RST). Once our socket is spliced, the queue passes the flow's
 segments on to it (a verdict change, no iptables call on this path); a peer that has not spliced yet
-still captures our repair-off window probe in its own queue. The RST drop stays until the challenge has
-crossed both ways, which proves both sockets exist, and then every rule goes.
+still captures our repair-off window probe in its own queue, and its own probe tells us its socket
+exists (``seq == peer ISN``): only then do we send our challenge, which its queue would otherwise eat.
+The RST drop stays until the challenge has crossed both ways, which proves both sockets exist, and then
+every rule goes.
 
 ``syn_delay`` (priming SYN to real SYN) covers the skew between the two GOs, which the server's
 RTT-compensated delays keep to the error of the RTT estimates: a quarter of the RTT to the server,
@@ -46,6 +48,7 @@ from rawpunch.punch.engine import (
     IcmpKind,
     PunchConfig,
     PunchEngine,
+    PunchState,
     event_record,
     options_from_peer_info,
 )
@@ -223,6 +226,9 @@ async def _punch_and_splice(
             # nothing, where removing the capture rule would cost an iptables-restore on this path.
             driver.queue.pass_through = True
             clock.phase("splice")
+            # Our challenge must not reach the peer before its socket exists, or its queue eats it and
+            # only our kernel's retransmission (>= 200 ms later) gets through.
+            await driver.wait_peer_spliced(timeout=max(1.0, 4 * (client.core.rtt or 0.25)))
             await _authenticate(sock, keys, client.core.slot or 0)
             clock.phase("authenticate")
             clock.usable_at = time.monotonic()
@@ -240,11 +246,16 @@ class _EngineDriver:
         self.loop = asyncio.get_running_loop()
         self.wakeup = asyncio.Event()
         self.connected: Connected | None = None
+        self.peer_spliced = asyncio.Event()
         self.queue = SegmentQueue(self._on_segment, on_icmp=self._on_icmp)
         self.sender = RawSender()
 
     def _on_segment(self, seg: Segment) -> None:
         self.engine.receive_segment(seg, self.loop.time())
+        # The peer's repair-off window probe (seq = its ISN, ACK, no SYN) says its socket exists. Judge by
+        # the engine's state, not by our own Connected event: both can arrive in one NFQUEUE batch.
+        if self.engine.state is PunchState.ESTABLISHED and _is_splice_probe(seg, self.engine.config.peer_isn):
+            self.peer_spliced.set()
         self.wakeup.set()
 
     def _on_icmp(self, err: IcmpError) -> None:
@@ -290,12 +301,22 @@ class _EngineDriver:
                 await self._sleep_until_timer()
             self._flush()
 
+    async def wait_peer_spliced(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.peer_spliced.wait(), timeout)
+        except TimeoutError:
+            log.info("no window probe from the peer within %.1f s; assuming it spliced", timeout)
+
     def close(self) -> None:
         task = getattr(self, "_keepalive", None)
         if task is not None:
             task.cancel()
         self.queue.close()
         self.sender.close()
+
+
+def _is_splice_probe(seg: Segment, peer_isn: int) -> bool:
+    return seg.seq == peer_isn and seg.is_ack and not seg.syn and not seg.rst
 
 
 def _splice(c: Connected) -> socket.socket:
