@@ -64,6 +64,40 @@ names the RSTs. (Without priming there is nothing to reopen the mapping ahead of
 sides' retransmissions keep their skew and every SYN meets a closed NAT, the plain simultaneous open that
 fails between Linux NATs.)
 
+Poisoned entries. conntrack initialises the peer's side of our entry from the first segment that claims to
+come from the peer (``tcp_in_window``), valid or not, and since Linux 6.1 lets a segment "below the window"
+through untracked instead of marking it INVALID. So one blind forgery (SYN, SYN-ACK or RST spoofed from the
+peer's endpoint, seq ahead of the peer's ISN) that reaches our NAT after our priming SYN and before the
+peer's SYN makes the genuine SYN pass without moving the entry to SYN_SENT2: we answer it, but our SYN-ACK,
+ACK and data are INVALID there (SYN_SENT), or everything after our SYN-ACK is (SYN_SENT2 after a forged SYN,
+whose window data then refuses our numbers). The engine repairs its own entry with the same reopen (low-TTL
+RST and SYN, ``seq = ISN``), in the two situations where it can tell:
+
+* *A forgery reached us* in PRIMED or SYN-SENT: a SYN, SYN-ACK or RST from the peer's endpoint whose numbers
+  do not fit (other than the peer's priming SYN, ``peer ISN - 1``, which initialises that side *below* the
+  real SYN and harms nothing). It passed our NAT, so it initialised the peer's side (a forged SYN always
+  does, and is always let through) or closed the entry (a RST). It is ignored as before and the entry is
+  reopened at once, before the peer's genuine SYN comes (``poison_reopens`` counts these). An ACK is let
+  through untracked in SYN_SENT (``sIG``, no window check) and poisons nothing: no reopen for it. A reopen
+  costs nothing here: before the peer's SYN our entry holds only our own side.
+* *The peer keeps resending its SYN-ACK after we ACKed it* (ESTABLISHED): our ACK did not reach it. The
+  forgery was refused (INVALID, so it never reached us) but poisoned the entry all the same; the peer's SYN
+  and SYN-ACK passed untracked, ours do not. A duplicate SYN-ACK that arrives within two round trips of our
+  ACK may merely have crossed it and gets an ACK as before (reopening then would wipe an ESTABLISHED
+  entry the peer's NAT already matches). The round trip is bounded from above by our first real SYN to
+  ``Connected`` (the peer answers our SYN, so that is at least one RTT). A later one means the ACK is lost
+  or refused: we reopen our entry and send no ACK (it would be INVALID in the fresh SYN_SENT). The peer's
+  next SYN-ACK then moves the fresh entry to SYN_RECV (a reply SYN-ACK in SYN_SENT, the ordinary open), and
+  our ACK answering it to ESTABLISHED, and at the peer's NAT (SYN_RECV after its own SYN-ACK, simultaneous
+  open) to ESTABLISHED too; that ACK gets its ``ack_repeats`` again. The timer stays armed meanwhile, so
+  the caller keeps feeding us. If that ACK is lost as well, the next late SYN-ACK reopens again.
+
+Neither path accepts anything new: the numbers are checked exactly as before, a misfit still changes no
+state, and the duplicate SYN-ACK must carry exactly the peer's ISN and ``ack = ISN + 1`` to trigger a
+reopen; a blind attacker can at most make us reopen our entry before the peer's SYN, which is harmless.
+A forgery after the peer's genuine SYN has passed our NAT cannot poison it (that side is initialised;
+a reply SYN in SYN_SENT2/SYN_RECV is not re-read, and a reply SYN after SYN_RECV is INVALID).
+
 The engine never sends data or FIN and does not consume payload: a data segment that completes the
 handshake counts as its ACK, and the peer retransmits the data to the spliced socket.
 
@@ -356,6 +390,7 @@ class PunchEngine:
         self.ignored: Counter[str] = Counter()
         self.resets: Counter[str] = Counter()  # origin -> count
         self.icmp: Counter[IcmpKind] = Counter()
+        self.poison_reopens = 0  # entries reopened because a forgery may have poisoned them
         self._started = 0.0
         self._next_send: float | None = None
         self._rto = config.initial_rto
@@ -364,6 +399,10 @@ class PunchEngine:
         self._snd_wl1 = config.peer_isn
         self._max_window = 0
         self._ts_recent: int | None = None
+        self._first_syn_at: float | None = None  # our first real SYN
+        self._rtt_bound = 0.0  # first real SYN -> Connected: at least one round trip
+        self._acked_at = 0.0  # our ACK that should have ended the peer's SYN-ACK retransmissions
+        self._reopened_since_ack = False
         self._outbox: list[Segment] = []
         self._events: deque[Event] = deque()
 
@@ -459,6 +498,8 @@ class PunchEngine:
         if self.state is not PunchState.SYN_SENT:
             self.state = PunchState.SYN_SENT
             self._transmissions, self._rto = 0, self.config.initial_rto
+        if self._first_syn_at is None:
+            self._first_syn_at = now
         if self._transmissions and self.config.priming_ttl is not None:
             self._prime(now, reopen=True)  # retransmit over a clean entry (see "Retransmission" above)
         self._outbox.append(self._syn(now))
@@ -524,6 +565,8 @@ class PunchEngine:
 
     def _on_peer_syn(self, seg: Segment, now: float) -> None:
         if not self._fits(seg, seq=self.config.peer_isn):
+            if seg.seq != seq_add(self.config.peer_isn, -1):  # not the peer's priming SYN
+                self._suspect_poison(now)
             return
         self._learn(seg)
         self._events.append(PeerSynReceived(self._elapsed(now)))
@@ -531,11 +574,17 @@ class PunchEngine:
 
     def _on_peer_synack(self, seg: Segment, now: float) -> None:
         if not self._fits(seg, seq=self.config.peer_isn, ack=seq_add(self.config.isn, 1)):
+            self._suspect_poison(now)
             return
         self._learn(seg)
         self._events.append(PeerSynAckReceived(self._elapsed(now)))
         self._send_ack(now)
         self._connect(now)
+        self._repeat_ack_later(now)
+
+    def _repeat_ack_later(self, now: float) -> None:
+        """After the final ACK: its ``ack_repeats`` copies on the timer."""
+        self._acked_at, self._reopened_since_ack = now, False
         if self.config.ack_repeats:
             self._transmissions, self._rto = 1, self.config.initial_rto
             self._arm(now)
@@ -559,15 +608,34 @@ class PunchEngine:
             self._events.append(SynAckSent(self._transmissions, self._elapsed(now)))
 
     def _on_late_handshake(self, seg: Segment, now: float) -> None:
-        """ESTABLISHED: the peer resent its SYN or SYN-ACK, so our ACK was lost (RFC 5961 4.2: ACK it)."""
-        expected_ack = seq_add(self.config.isn, 1) if seg.is_ack else None
-        if self._fits(seg, seq=self.config.peer_isn, ack=expected_ack):
+        """ESTABLISHED: the peer resent its SYN, so our ACK was lost (RFC 5961 4.2: ACK it)."""
+        if self._fits(seg, seq=self.config.peer_isn):
             self._send_ack(now)
+
+    def _on_duplicate_synack(self, seg: Segment, now: float) -> None:
+        """ESTABLISHED: the peer resent its SYN-ACK, so it has not got our ACK. Within two round trips
+        (``_rtt_bound``) of that ACK it may just have crossed it: ACK again. Later, our ACK is lost or our
+        NAT refuses it (an entry poisoned before the peer's SYN, which passed it untracked): reopen our
+        entry and send nothing, so that the peer's next SYN-ACK moves the fresh entry to SYN_RECV and the
+        ACK that answers it to ESTABLISHED (see "Poisoned entries" in the module docstring)."""
+        if not self._fits(seg, seq=self.config.peer_isn, ack=seq_add(self.config.isn, 1)):
+            return
+        late = now - self._acked_at > 2 * self._rtt_bound
+        if self.config.priming_ttl is None or self._reopened_since_ack or not late:
+            self._send_ack(now)
+            if self._reopened_since_ack:  # the first SYN-ACK over the reopened entry: the real answer
+                self._repeat_ack_later(now)
+            return
+        self._reopened_since_ack = True
+        self._prime(now, reopen=True)
+        self._transmissions, self._rto = 1, self.config.initial_rto  # the timer keeps the caller listening
+        self._arm(now)
 
     def _on_rst(self, seg: Segment, now: float) -> None:
         origin = self._reset_origin(seg)
         if origin is None:
             self._ignore(f"RST not exactly matching while {self.state.value} (RFC 5961 section 3)")
+            self._suspect_poison(now)
             return
         self.resets[origin] += 1
         self._events.append(ResetReceived(origin, self.resets[origin], self._elapsed(now)))
@@ -585,6 +653,14 @@ class PunchEngine:
         self._ignore(f"{segment_kind(seg).value} while {self.state.value}")
 
     # --- helpers -----------------------------------------------------------------------------------------
+
+    def _suspect_poison(self, now: float) -> None:
+        """Before the peer's SYN came in, a SYN, SYN-ACK or RST from the peer's endpoint with wrong
+        numbers passed our NAT: it initialised (poisoned) the peer's side of our entry, or closed it.
+        Reopen the entry now, before the peer's genuine SYN arrives (see "Poisoned entries")."""
+        if self.state in (PunchState.PRIMED, PunchState.SYN_SENT) and self.config.priming_ttl is not None:
+            self.poison_reopens += 1
+            self._prime(now, reopen=True)
 
     def _fits(self, seg: Segment, *, seq: int, ack: int | None = None) -> bool:
         kind = segment_kind(seg).value
@@ -619,6 +695,7 @@ class PunchEngine:
 
     def _connect(self, now: float) -> None:
         self.state, self._next_send = PunchState.ESTABLISHED, None
+        self._rtt_bound = now - (self._started if self._first_syn_at is None else self._first_syn_at)
         c, n = self.config, self.negotiated
         rcv_nxt = seq_add(c.peer_isn, 1)
         self._events.append(
@@ -723,7 +800,7 @@ TRANSITIONS: dict[tuple[PunchState, SegmentKind], _Handler] = {
     (_E.SYN_RECEIVED, _K.RST): PunchEngine._on_rst,
     (_E.SYN_RECEIVED, _K.OTHER): _IGNORE,
     (_E.ESTABLISHED, _K.SYN): PunchEngine._on_late_handshake,
-    (_E.ESTABLISHED, _K.SYN_ACK): PunchEngine._on_late_handshake,
+    (_E.ESTABLISHED, _K.SYN_ACK): PunchEngine._on_duplicate_synack,
     (_E.ESTABLISHED, _K.ACK): _IGNORE,  # duplicates and data: the spliced socket's business
     (_E.ESTABLISHED, _K.RST): _IGNORE,  # after Connected the kernel socket owns the flow
     (_E.ESTABLISHED, _K.OTHER): _IGNORE,

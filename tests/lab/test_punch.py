@@ -468,12 +468,6 @@ def _pump_helpers() -> Any:
 FORGERY_FLAGS = {"syn-ack": Flags.SYN | Flags.ACK, "rst-ack": Flags.RST | Flags.ACK, "syn": Flags.SYN}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine gap: a forgery that poisons our NAT's entry before the peer's SYN lets that SYN through "
-    "untracked (conntrack >= 6.1, 'below the window'); we go SYN-RECEIVED/ESTABLISHED over an entry that "
-    "refuses our SYN-ACK/ACK/data, and only SYN-SENT retransmissions reopen an entry",
-)
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("kind", list(FORGERY_FLAGS))
 def test_model_one_forgery_behind_the_priming_syn_does_not_break_the_punch(kind: str, profile: str) -> None:

@@ -139,15 +139,38 @@ MISFITS = [
 ]
 
 
+#: Misfits that passed our NAT before the peer's SYN did: they may have poisoned (or closed) our entry, so
+#: they are ignored *and* the entry is reopened (RST and SYN at the priming TTL), nothing else changes.
+REOPENING = {
+    "SYN with seq != peer ISN",
+    "SYN-ACK acking the priming SYN",
+    "SYN-ACK with ack != ISN + 1",
+    "SYN-ACK with the wrong seq",
+    "RST+ACK acking something else",
+    "RST without ACK in SYN-SENT (RFC 9293 3.10.7.3)",
+    "RST with seq = peer ISN + 1 in SYN-SENT",
+    "SYN-ACK for the priming SYN",
+    "RST acking nothing we sent",
+}
+assert {m[3] for m in MISFITS} >= REOPENING
+
+
 @pytest.mark.parametrize(("state", "kind", "changes", "why"), MISFITS, ids=[m[3] for m in MISFITS])
 def test_misfitting_segment_is_ignored(
     state: PunchState, kind: str, changes: dict[str, Any], why: str
 ) -> None:
     d = engine_in(state)
-    ignored, events = sum(d.engine.ignored.values()), len(d.events)
+    ignored, events, timer = sum(d.engine.ignored.values()), len(d.events), d.engine.get_timer()
     sent = d.feed(peer_segment(d.engine.config, kind, **changes), after=0.01)
-    assert (d.engine.state, sent, d.events[events:]) == (state, [], [])
     assert sum(d.engine.ignored.values()) == ignored + 1
+    assert d.engine.state is state and d.engine.get_timer() == timer
+    assert not d.of_type(Connected) and not d.of_type(ResetReceived)
+    if why in REOPENING:
+        assert [(s.flags, s.seq, s.ttl) for s in sent] == [(RST, A_ISN, 2), (SYN, A_ISN, 2)]
+        assert [(type(e), e.reopened) for e in d.events[events:]] == [(Primed, True)]
+        assert d.engine.poison_reopens == 1
+    else:
+        assert (sent, d.events[events:]) == ([], [])
 
 
 def test_misfits_never_connect_however_many() -> None:
@@ -167,6 +190,55 @@ def test_window_probe_of_a_spliced_peer_completes_the_handshake() -> None:
     d = engine_in(St.SYN_RECEIVED)
     d.feed(peer_segment(d.engine.config, "ack", seq=B_ISN), after=0.01)
     assert d.engine.state is St.ESTABLISHED
+
+
+# --- a duplicate SYN-ACK after our ACK: crossed it, or our NAT refused it (poisoned entry) ------------------
+
+
+def established_by_synack(**overrides: Any) -> Driven:
+    """Real SYN at 100.05, the peer's SYN-ACK (and our ACK) at 100.15: round-trip bound 0.1 s."""
+    d = engine_in(St.SYN_SENT, **overrides)
+    d.feed(peer_segment(d.engine.config, "syn-ack"), after=0.1)
+    assert d.engine.state is St.ESTABLISHED
+    return d
+
+
+def test_duplicate_synack_within_two_round_trips_of_our_ack_is_just_acked() -> None:
+    d = established_by_synack()
+    for _ in range(3):  # crossed our ACK in flight, however many
+        assert shape(d.feed(peer_segment(d.engine.config, "syn-ack"), after=0.05)) == [(ACK, 64)]
+    assert not d.of_type(Primed)[1:]
+
+
+def test_late_duplicate_synack_reopens_our_entry_then_the_next_one_is_acked() -> None:
+    d = established_by_synack()
+    cfg = d.engine.config
+    sent = d.feed(peer_segment(cfg, "syn-ack"), after=0.25)  # > 2 x 0.1 s after our ACK: it was refused
+    assert [(s.flags, s.seq, s.ttl) for s in sent] == [(RST, A_ISN, 2), (SYN, A_ISN, 2)]  # no ACK: INVALID
+    assert d.of_type(Primed)[-1].reopened and d.engine.state is St.ESTABLISHED
+    assert d.engine.get_timer() == pytest.approx(d.now + cfg.initial_rto)  # the caller keeps listening
+    assert len(d.of_type(Connected)) == 1
+    # the peer's next SYN-ACK went through the fresh entry (SYN_SENT -> SYN_RECV): ACK it, with repeats
+    assert shape(d.feed(peer_segment(cfg, "syn-ack"), after=0.5)) == [(ACK, 64)]
+    acked = d.now
+    assert d.engine.get_timer() == pytest.approx(acked + cfg.initial_rto)
+    # crossing duplicates of that ACK are ACKed; a late one reopens again
+    assert shape(d.feed(peer_segment(cfg, "syn-ack"), after=0.1)) == [(ACK, 64)]
+    assert shape(d.feed(peer_segment(cfg, "syn-ack"), after=0.9)) == [(RST, 2), (SYN, 2)]
+    assert len(d.of_type(Connected)) == 1 and d.engine.poison_reopens == 0
+
+
+def test_late_duplicate_synack_with_wrong_numbers_changes_nothing() -> None:
+    d = established_by_synack()
+    ignored = sum(d.engine.ignored.values())
+    for changes in ({"ack": A_ISN}, {"seq": B_ISN + 1}, {"ack": A_ISN + 2, "seq": B_ISN - 1}):
+        assert d.feed(peer_segment(d.engine.config, "syn-ack", **changes), after=1.0) == []
+    assert sum(d.engine.ignored.values()) == ignored + 3 and not d.of_type(Primed)[1:]
+
+
+def test_late_duplicate_synack_without_priming_is_just_acked() -> None:
+    d = established_by_synack(priming_ttl=None)
+    assert shape(d.feed(peer_segment(d.engine.config, "syn-ack"), after=1.0)) == [(ACK, 64)]
 
 
 # --- what goes out, and when --------------------------------------------------------------------------------
@@ -608,8 +680,9 @@ def test_forged_segments_neither_break_nor_connect(profile: str, seed: int) -> N
 @pytest.mark.parametrize("profile", ["eim-apdf", "eim-apdf-rst"])
 def test_spoofed_syn_poisoning_conntrack_is_healed_by_the_reopen(profile: str) -> None:
     """A spoofed SYN from a's public endpoint reaching nat-b before a's first segment makes conntrack take
-    its (wrong) sequence number for a's side; a's genuine segments are then "SEQ over the upper bound",
-    INVALID. b's next SYN retransmission reopens its entry and clears the poison."""
+    its (wrong) sequence number for a's side; a's genuine segments would then be "SEQ over the upper bound",
+    INVALID. The forged SYN passes nat-b to b, which ignores it and reopens its entry at once: the poison is
+    gone before a's SYN arrives, and no retransmission is needed."""
     pump = Pump(profile_a=profile, profile_b=profile)
     poisoned: list[Segment] = []
 
@@ -622,8 +695,25 @@ def test_spoofed_syn_poisoning_conntrack_is_healed_by_the_reopen(profile: str) -
 
     pump.taps.append(poison)
     a, b = assert_agree(pump.run())
-    assert any(line.split()[1] == "nat-b" and "SEQ is over the upper bound" in line for line in pump.trace)
-    assert max(a.elapsed, b.elapsed) > pump.engines["a"].config.initial_rto  # it took a retransmission
+    assert pump.engines["b"].poison_reopens == 1 and pump.engines["b"].ignored
+    assert not any(
+        line.split()[1] == "nat-b" and "SEQ is over the upper bound" in line for line in pump.trace
+    )
+    assert max(a.elapsed, b.elapsed) < pump.engines["a"].config.initial_rto  # no retransmission needed
+
+
+@pytest.mark.parametrize("owd", [0.05, 0.1])
+@pytest.mark.parametrize("skew", [0.0, 0.02, -0.02])
+def test_slow_paths_never_reopen_after_connecting(owd: float, skew: float) -> None:
+    """Round trips of 0.5 and 1 s, longer than the initial RTO: the peers' SYN-ACK retransmissions cross
+    the final ACKs, and the duplicates must not make anyone reopen an entry that is already right."""
+    pump = Pump(owd=owd, skew=skew).run()
+    assert_agree(pump)
+    for host in "ab":
+        connected_at = next(t for t, e in pump.events[host] if isinstance(e, Connected))
+        assert not [e for t, e in pump.events[host] if isinstance(e, Primed) and t > connected_at]
+        assert pump.engines[host].poison_reopens == 0
+    assert {getattr(pump.entry(nat), "state", None) for nat in ("nat-a", "nat-b")} == {CtState.ESTABLISHED}
 
 
 def test_priming_icmp_reaches_the_host() -> None:
