@@ -485,11 +485,11 @@ def report_lines(res: Results) -> list[str]:
         lines.append(
             f"- Where the time goes (medians over both peers of {which}): paired -> GO {to_go:.1f} ms "
             "(firewall guard applied with iptables-restore, READY/GO round trip, server GO delay); GO -> "
-            f"engine connected {to_engine:.1f} ms (of which `syn_delay` 50 ms: the real SYN waits that long "
-            f"after the priming SYN); engine connected -> `connected` {to_connected:.1f} ms (splice; the "
-            "`authenticate` phase: wait for the peer's splice, capture rule removed with iptables-restore, "
-            f"HMAC challenge both ways; then {teardown:.1f} ms for removing the whole guard, iptables-save + "
-            "iptables-restore, and closing the queue, before `connected` is emitted). "
+            f"engine connected {to_engine:.1f} ms (priming SYN, `syn_delay` = server RTT / 4 clamped to "
+            "5..50 ms, SYN/SYN-ACK/ACK); engine connected -> `connected` event "
+            f"{to_connected:.1f} ms (splice, the peer's splice probe, HMAC challenge both ways; then "
+            f"{teardown:.1f} ms removing the firewall guard, iptables-save + iptables-restore, after the socket "
+            "was usable and so outside `elapsed_ms`). "
             f"`phases_ms` medians: {phases} (register, discover and exchange come before the pairing); SYN "
             f"transmissions per peer: median {_med(rows, 'syn_transmissions'):g}."
         )
