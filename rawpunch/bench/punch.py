@@ -488,8 +488,8 @@ def report_lines(res: Results) -> list[str]:
             f"engine connected {to_engine:.1f} ms (priming SYN, `syn_delay` = server RTT / 4 clamped to "
             "5..50 ms, SYN/SYN-ACK/ACK); engine connected -> `connected` event "
             f"{to_connected:.1f} ms (splice, the peer's splice probe, HMAC challenge both ways; then "
-            f"{teardown:.1f} ms removing the firewall guard, iptables-save + iptables-restore, after the socket "
-            "was usable and so outside `elapsed_ms`). "
+            f"{teardown:.1f} ms removing the firewall guard, iptables-save + iptables-restore, after the "
+            "socket was usable and so outside `elapsed_ms`). "
             f"`phases_ms` medians: {phases} (register, discover and exchange come before the pairing); SYN "
             f"transmissions per peer: median {_med(rows, 'syn_transmissions'):g}."
         )
