@@ -33,17 +33,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 
+from rawpunch.exitguard import SignalGuard
 from rawpunch.lab import impair
 from rawpunch.lab.nsproc import (
     LAB_PREFIX,
@@ -489,9 +489,6 @@ class _GuardState:
 
     live: list[Lab] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
-    previous: dict[int, Any] = field(default_factory=dict)
-    installed: bool = False
-    pid: int = 0  # the process that installed the signal handlers
     atexit_registered: bool = False
 
 
@@ -516,14 +513,14 @@ def _register_live(lab: Lab) -> None:
     if not _Guard.atexit_registered:
         atexit.register(teardown_all)
         _Guard.atexit_registered = True
-    _install_signal_guard()
+    _SIGNAL_GUARD.install()
 
 
 def _unregister_live(lab: Lab) -> None:
     with contextlib.suppress(ValueError):
         _Guard.live.remove(lab)
     if not _Guard.live:
-        _remove_signal_guard()
+        _SIGNAL_GUARD.remove()
 
 
 def teardown_all() -> None:
@@ -535,42 +532,4 @@ def teardown_all() -> None:
             log.error("teardown of lab %s failed: %s", lab.run_id, e)
 
 
-def _install_signal_guard() -> None:
-    # Signal handlers can only be set from the main thread; elsewhere atexit and __exit__ remain.
-    if _Guard.installed or threading.current_thread() is not threading.main_thread():
-        return
-    _Guard.installed = True
-    _Guard.pid = os.getpid()
-    for sig in _GUARDED_SIGNALS:
-        previous = signal.getsignal(sig)
-        if previous == signal.SIG_IGN:
-            continue  # e.g. SIGHUP under nohup: the process survives it, so must the labs
-        _Guard.previous[sig] = previous
-        signal.signal(sig, _on_signal)
-
-
-def _remove_signal_guard() -> None:
-    if threading.current_thread() is not threading.main_thread() or os.getpid() != _Guard.pid:
-        return
-    for sig, previous in list(_Guard.previous.items()):
-        if signal.getsignal(sig) is _on_signal:
-            signal.signal(sig, previous)
-        del _Guard.previous[sig]
-    _Guard.installed = False
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != _Guard.pid:
-        # A forked child that inherited the handler: behave as if it had the default one.
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
-        return
-    previous = _Guard.previous.get(signum, signal.SIG_DFL)
-    teardown_all()
-    _remove_signal_guard()
-    if callable(previous):
-        previous(signum, frame)
-    elif previous != signal.SIG_IGN:
-        # Die from the signal as the process would have without us (exit status and all).
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
+_SIGNAL_GUARD = SignalGuard(_GUARDED_SIGNALS, teardown_all)

@@ -73,9 +73,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any, Literal
+from types import TracebackType
+from typing import Literal
 
+from rawpunch.exitguard import SignalGuard
 from rawpunch.lab.nsproc import RUN_DIR, proc_start_time, run_in_netns
 from rawpunch.proto.codec import Endpoint
 
@@ -668,9 +669,6 @@ class FirewallGuard:
 @dataclass
 class _GuardState:
     live: list[FirewallGuard] = field(default_factory=list)
-    previous: dict[int, Any] = field(default_factory=dict)
-    installed: bool = False
-    pid: int = 0
     atexit_registered: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -698,7 +696,7 @@ def _register(guard: FirewallGuard) -> None:
         if not _State.atexit_registered:
             atexit.register(remove_all)
             _State.atexit_registered = True
-        _install_handlers()
+        _SIGNAL_GUARD.install()
 
 
 def _unregister(guard: FirewallGuard) -> None:
@@ -706,46 +704,7 @@ def _unregister(guard: FirewallGuard) -> None:
         with contextlib.suppress(ValueError):
             _State.live.remove(guard)
         if not _State.live:
-            _restore_handlers()
+            _SIGNAL_GUARD.remove()
 
 
-def _install_handlers() -> None:
-    # Signal handlers can only be set from the main thread; elsewhere __exit__ and atexit remain.
-    if _State.installed or threading.current_thread() is not threading.main_thread():
-        return
-    _State.installed = True
-    _State.pid = os.getpid()
-    for sig in _SIGNALS:
-        previous = signal.getsignal(sig)
-        if previous == signal.SIG_IGN:
-            continue  # e.g. SIGHUP under nohup: the process survives it, so do its rules
-        _State.previous[sig] = previous
-        signal.signal(sig, _on_signal)
-
-
-def _restore_handlers() -> None:
-    if not _State.installed or threading.current_thread() is not threading.main_thread():
-        return
-    if os.getpid() != _State.pid:
-        return
-    for sig, previous in list(_State.previous.items()):
-        if signal.getsignal(sig) is _on_signal:
-            signal.signal(sig, previous)
-        del _State.previous[sig]
-    _State.installed = False
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != _State.pid:
-        # A forked child that inherited the handler: behave as it would have without us.
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
-        return
-    previous = _State.previous.get(signum, signal.SIG_DFL)
-    remove_all()
-    _restore_handlers()
-    if callable(previous):
-        previous(signum, frame)  # e.g. SIGINT's default raises KeyboardInterrupt
-    elif previous != signal.SIG_IGN:
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
+_SIGNAL_GUARD = SignalGuard(_SIGNALS, remove_all)
