@@ -468,3 +468,10 @@ def two_nats(
         for probe, subnet in zip(PROBES, PROBE_NETS, strict=True):
             links.append(_p2p(middle, ifname(middle, ""), probe, "eth0", subnet))
     return Topology(nodes, tuple(links))
+
+
+def two_hosts() -> Topology:
+    """Hosts ``a`` (10.0.9.1) and ``b`` (10.0.9.2) on one link, no router: for adapter tests that need two
+    kernels and nothing in between."""
+    subnet = IPv4Network("10.0.9.0/30")
+    return Topology((Node("a", "host"), Node("b", "host")), (_p2p("a", "eth0", "b", "eth0", subnet),))

@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +30,7 @@ import pytest
 from pyroute2 import netns as pr_netns
 
 from rawpunch.lab.netns import Lab, LabNode
-from rawpunch.lab.topology import Link, Node, Topology, two_nats
+from rawpunch.lab.topology import two_hosts, two_nats
 from rawpunch.proto.codec import Endpoint
 from rawpunch.punch import firewall
 from rawpunch.punch.firewall import FW_DIR, FirewallGuard, PunchFlow
@@ -45,20 +44,7 @@ LabFactory = Callable[..., Lab]
 
 A_PORT, B_PORT, SENTINEL_PORT = 40000, 40001, 9  # nothing listens on 9 (discard)
 #: a and b on one link: enough for the guard, and fast.
-PAIR = Topology(
-    nodes=(Node("a", "host"), Node("b", "host")),
-    links=(
-        Link(
-            "a",
-            "b",
-            IPv4Network("10.0.9.0/30"),
-            IPv4Address("10.0.9.1"),
-            IPv4Address("10.0.9.2"),
-            "eth0",
-            "eth0",
-        ),
-    ),
-)
+PAIR = two_hosts()
 A_HOST, B_HOST = "10.0.9.1", "10.0.9.2"
 DEADLINE_S = 5.0
 

@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from pyroute2 import netns as pr_netns
 from scapy.layers.inet import ICMP, IP, IPerror, TCPerror
 
 from rawpunch.lab.netns import Lab
-from rawpunch.lab.topology import Link, Node, Topology, two_nats
+from rawpunch.lab.topology import two_hosts, two_nats
 from rawpunch.proto.codec import Endpoint
 from rawpunch.punch import rawio
 from rawpunch.punch.firewall import FirewallGuard, PunchFlow
@@ -44,20 +43,7 @@ from rawpunch.punch.splice import SpliceError, splice
 
 LabFactory = Callable[..., Lab]
 
-PAIR = Topology(
-    nodes=(Node("a", "host"), Node("b", "host")),
-    links=(
-        Link(
-            "a",
-            "b",
-            IPv4Network("10.0.9.0/30"),
-            IPv4Address("10.0.9.1"),
-            IPv4Address("10.0.9.2"),
-            "eth0",
-            "eth0",
-        ),
-    ),
-)
+PAIR = two_hosts()
 A = Endpoint("10.0.9.1", 40000)
 B = Endpoint("10.0.9.2", 50000)
 #: a's ISN sits just below 2**32: the bulk transfer wraps its sequence numbers.
