@@ -38,7 +38,6 @@ import asyncio
 import functools
 import json
 import os
-import platform
 import queue
 import re
 import secrets
@@ -51,12 +50,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import IO, Any
 
-REPO = Path(__file__).resolve().parents[2]
-RECORD = REPO / "BENCHMARKS.md"
+from rawpunch.bench.record import RECORD, Machine, append_section, machine
 
 TARGET_OVER_FLOOR_MS = 10.0
 TARGET_RATIO = 0.99
@@ -563,30 +559,6 @@ def _range(transfers: Sequence[Transfer]) -> str:
 # --- machine and record ------------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str:
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip()
-
-
-def machine_line() -> tuple[str, str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-    dirty = _git("--no-optional-locks", "status", "--porcelain")
-    commit = (_git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if dirty else "")
-    load = float(Path("/proc/loadavg").read_text().split()[0])
-    cpu = models[0] if models else platform.processor() or "unknown CPU"
-    line = (
-        f"- Machine: {os.cpu_count()} cores, {cpu}; kernel {platform.release()}; Python "
-        f"{platform.python_version()}; 1-minute load average at start {load:.2f}."
-    )
-    return commit, line
-
-
 _METHOD = (
     "- Method (`scripts/bench-punch`): `two_nats(hops=2)` lab, no added latency (this kernel has no netem), "
     "`rawpunch server` in `server`, one long-lived agent per peer node (interpreter start-up is not timed), "
@@ -597,13 +569,9 @@ _METHOD = (
 )
 
 
-def record(lines: list[str], quick: bool, machine: tuple[str, str]) -> None:
+def record(lines: list[str], quick: bool, host: Machine) -> None:
     """Append a dated section to BENCHMARKS.md (the file and its other sections stay as they are)."""
-    commit, host = machine
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    head = [f"## Punch: {stamp}, commit {commit}{' (quick)' if quick else ''}", "", host, _METHOD]
-    existing = RECORD.read_text() if RECORD.exists() else "# Benchmarks\n"
-    RECORD.write_text(existing.rstrip() + "\n\n" + "\n".join([*head, *lines]).rstrip() + "\n")
+    append_section("Punch: ", host, quick, [_METHOD, *lines], "# Benchmarks\n")
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -642,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
-    machine = machine_line()  # the load average before the lab exists
+    host = machine()  # the load average before the lab exists
     try:
         res = measure(args.profile, punches, rounds, mib, pings=50)
     except BenchError as exc:
@@ -654,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"- Lab {res.run_id}, NAT profile `{res.profile}` on both sides.", *report_lines(res)]
     print("\n".join(lines))
     if not args.no_record:
-        record(lines, args.quick, machine)
+        record(lines, args.quick, host)
         print(f"appended to {RECORD}")
     return 0
 

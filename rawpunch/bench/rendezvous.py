@@ -39,7 +39,6 @@ import ipaddress
 import itertools
 import linecache
 import os
-import platform
 import pstats
 import select
 import shutil
@@ -53,10 +52,10 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from rawpunch.bench.record import RECORD, Machine, append_section, machine
 from rawpunch.lab.netns import Lab
 from rawpunch.lab.nsproc import LAB_PREFIX, list_netns
 from rawpunch.lab.topology import SERVER_ADDR, two_nats
@@ -81,8 +80,6 @@ BENCH_RATE = 1_000_000.0
 """``--rate`` for the throughput runs. The generator's sockets share one source address and the default
 200/s per source would measure the limiter; the token bucket is still checked on every message."""
 
-REPO = Path(__file__).resolve().parents[2]
-RECORD = REPO / "BENCHMARKS.md"
 
 # Offsets into the fixed header (codec.HEADER "!HBBHH12s16s"): the message type byte and the transaction id.
 _TYPE_AT = 3
@@ -869,37 +866,6 @@ def _strace_calls(path: Path) -> dict[str, int]:
 # --- reporting ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Machine:
-    cores: int
-    cpu: str
-    kernel: str
-    python: str
-    load: float
-    commit: str
-
-
-def _git(*args: str) -> str:
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip()
-
-
-def machine() -> Machine:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-    # --no-optional-locks: reading the status must not rewrite the index of a tree others are working in.
-    dirty = _git("--no-optional-locks", "status", "--porcelain")
-    commit = (_git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if dirty else "")
-    load = float(Path("/proc/loadavg").read_text().split()[0])
-    cpu = models[0] if models else platform.processor() or "unknown CPU"
-    return Machine(os.cpu_count() or 0, cpu, platform.release(), platform.python_version(), load, commit)
-
-
 def _median_spread(values: Sequence[float]) -> str:
     median, low, high = statistics.median(values), min(values), max(values)
     return f"{median:,.0f} msg/s (min {low:,.0f}, max {high:,.0f}; {len(values)} trials)"
@@ -1028,15 +994,7 @@ control messages/s on one core, <= 2 KiB per waiting session.
 
 def record(lines: list[str], host: Machine, quick: bool) -> None:
     """Append a dated section to BENCHMARKS.md, creating the file with its title and method first."""
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    head = [
-        f"## {stamp}, commit {host.commit}{' (quick)' if quick else ''}",
-        "",
-        f"- Machine: {host.cores} cores, {host.cpu}; kernel {host.kernel}; Python {host.python}; "
-        f"1-minute load average at start {host.load:.2f}.",
-    ]
-    existing = RECORD.read_text() if RECORD.exists() else _HEADER
-    RECORD.write_text(existing.rstrip() + "\n\n" + "\n".join([*head, *lines]).rstrip() + "\n")
+    append_section("", host, quick, lines, _HEADER)
 
 
 # --- command line ------------------------------------------------------------------------------------------
