@@ -320,10 +320,7 @@ def _is_splice_probe(seg: Segment, peer_isn: int) -> bool:
 
 
 def _splice(c: Connected) -> socket.socket:
-    ts = None
-    if c.timestamps is not None:
-        tsval, ts_recent = c.timestamps
-        ts = (tsval, ts_recent)
+    # The splice follows Connected within a millisecond, so the engine's TSval needs no advancing.
     return splice(
         c.local,
         c.remote,
@@ -333,7 +330,7 @@ def _splice(c: Connected) -> socket.socket:
         snd_wscale=c.snd_wscale,
         rcv_wscale=c.rcv_wscale,
         sack=c.sack,
-        timestamps=ts,
+        timestamps=c.timestamps,
         snd_wnd=c.snd_wnd,
         rcv_wnd=c.rcv_wnd,
         snd_wl1=c.snd_wl1,
