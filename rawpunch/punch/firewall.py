@@ -57,6 +57,7 @@ Only IPv4 is supported (ip6tables would need the same set).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import json
@@ -609,6 +610,21 @@ class FirewallGuard:
 
     def apply(self) -> None:
         """Sweep dead runs' leftovers, record ownership, then install every rule in one commit."""
+        self._prepare()
+        self._own()
+        self._install()
+
+    async def apply_async(self) -> None:
+        """``apply()`` with the subprocess work in threads, so it overlaps other waiting (READY/GO).
+
+        Ownership is taken on the event loop's thread: signal handlers can only be installed from the
+        main thread, and the loop normally runs there.
+        """
+        await asyncio.to_thread(self._prepare)
+        self._own()
+        await asyncio.to_thread(self._install)
+
+    def _prepare(self) -> None:
         _require_root("rawpunch firewall guard")
         if self._state != "new":
             raise RuntimeError(f"firewall guard {self.run_id} was already applied ({self._state})")
@@ -618,6 +634,9 @@ class FirewallGuard:
         if self.sweep:
             for item in sweep_leftovers():
                 log.info("removed leftover of a dead run: %s", item)
+
+    def _own(self) -> None:
+        assert self.backend is not None
         self._owner_pid = os.getpid()
         record = GuardRecord(
             run_id=self.run_id,
@@ -631,6 +650,9 @@ class FirewallGuard:
         write_record(record)  # first: from here on a SIGKILL leaves something a sweep can find
         self._state = "applied"
         _register(self)
+
+    def _install(self) -> None:
+        assert self.backend is not None
         try:
             restore(self.backend, render_apply(self.run_id, self.flow))
         except BaseException:

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from rawpunch.proto.client import PeerFound
+from rawpunch.proto.client import Go, PeerFound
 from rawpunch.proto.codec import Endpoint, ResultCode, ResultInfo
 from rawpunch.proto.keys import SessionKeys
 from rawpunch.proto.peerinfo import Capability, PeerInfo
@@ -56,7 +56,7 @@ from rawpunch.punch.firewall import FirewallGuard, PunchFlow
 from rawpunch.punch.pathprobe import choose_priming_ttl
 from rawpunch.punch.rawio import IcmpError, RawSender, SegmentQueue
 from rawpunch.punch.segment import Segment, TcpOptions
-from rawpunch.punch.splice import splice
+from rawpunch.punch.splice import kernel_wscale, splice
 from rawpunch.rendezvous.client import RendezvousClient
 
 log = logging.getLogger("rawpunch.punch")
@@ -214,27 +214,45 @@ async def _punch_and_splice(
         config.local.host,
         crafted_rst_ttl=config.priming_ttl,
     )
+    guard = FirewallGuard(flow)
     try:
-        with FirewallGuard(flow):
-            driver.queue.attach(asyncio.get_running_loop())
-            go = await client.ready()
-            emit({"event": "go", "delay_ms": round(go.delay * 1000, 2)})
-            connected = await driver.run()
-            clock.phase("punch")
-            sock = _splice(connected)
-            # Our socket exists: let the flow's segments reach it. Switching the queue's verdict costs
-            # nothing, where removing the capture rule would cost an iptables-restore on this path.
-            driver.queue.pass_through = True
-            clock.phase("splice")
-            # Our challenge must not reach the peer before its socket exists, or its queue eats it and
-            # only our kernel's retransmission (>= 200 ms later) gets through.
-            await driver.wait_peer_spliced(timeout=max(1.0, 4 * (client.core.rtt or 0.25)))
-            await _authenticate(sock, keys, client.core.slot or 0)
-            clock.phase("authenticate")
-            clock.usable_at = time.monotonic()
-            return sock
+        driver.queue.attach(asyncio.get_running_loop())
+        go = await _ready_with_guard(client, guard)
+        emit({"event": "go", "delay_ms": round(go.delay * 1000, 2)})
+        connected = await driver.run()
+        clock.phase("punch")
+        sock = _splice(connected)
+        # Our socket exists: let the flow's segments reach it. Switching the queue's verdict costs
+        # nothing, where removing the capture rule would cost an iptables-restore on this path.
+        driver.queue.pass_through = True
+        clock.phase("splice")
+        # Our challenge must not reach the peer before its socket exists, or its queue eats it and
+        # only our kernel's retransmission (>= 200 ms later) gets through.
+        await driver.wait_peer_spliced(timeout=max(1.0, 4 * (client.core.rtt or 0.25)))
+        await _authenticate(sock, keys, client.core.slot or 0)
+        clock.phase("authenticate")
+        clock.usable_at = time.monotonic()
+        return sock
     finally:
+        guard.remove()  # whatever apply_async got to install; idempotent
         driver.close()
+
+
+async def _ready_with_guard(client: RendezvousClient, guard: FirewallGuard) -> Go:
+    """READY/GO while the rules go in: iptables-restore (~5 ms) overlaps the wait for GO.
+
+    Nothing can reach the punch port before GO: the peer's SYN cannot pass our NAT until our
+    priming SYN, sent after GO, has opened it. The rules must only be in place before that send.
+    """
+    applying = asyncio.create_task(guard.apply_async())
+    try:
+        go = await client.ready()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await applying  # let it finish, so the guard's __exit__ removes what it installed
+        raise
+    await applying
+    return go
 
 
 class _EngineDriver:
@@ -394,7 +412,7 @@ async def _priming_ttl(settings: PunchSettings) -> int:
 
 def _own_options() -> TcpOptions:
     tsval = int.from_bytes(os.urandom(4), "big") & ~1  # even: bit 0 would switch the kernel to usec TSvals
-    return TcpOptions(mss=1460, wscale=7, sack_permitted=True, timestamp=(tsval, 0))
+    return TcpOptions(mss=1460, wscale=kernel_wscale(), sack_permitted=True, timestamp=(tsval, 0))
 
 
 def _peer_endpoint(found: PeerFound) -> Endpoint:

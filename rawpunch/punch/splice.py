@@ -258,3 +258,31 @@ def _step(what: str, action: Callable[[], object]) -> None:
         hint = _HINTS.get(e.errno or 0, "")
         message = f"splice: {what} failed: {e.strerror or e}" + (f" ({hint})" if hint else "")
         raise SpliceError(e.errno or 0, message) from e
+
+
+def kernel_wscale(rmem_max: int | None = None, tcp_rmem_max: int | None = None) -> int:
+    """The window scale this host's kernel would offer in a SYN (``tcp_select_initial_window``).
+
+    RFC 7323 section 2.3: the shift must let the largest receive buffer be advertised. Linux takes the
+    larger of ``net.core.rmem_max`` and ``net.ipv4.tcp_rmem``'s maximum, and the smallest shift that
+    fits it into 16 bits, at most 14. Offering the same shift as a kernel-made connection keeps the
+    spliced socket's receive window (and so its throughput) the same as plain TCP's.
+    """
+    if rmem_max is None:
+        rmem_max = _sysctl_int("/proc/sys/net/core/rmem_max", 212992)
+    if tcp_rmem_max is None:
+        tcp_rmem_max = _sysctl_int("/proc/sys/net/ipv4/tcp_rmem", 6291456, field=2)
+    space = max(rmem_max, tcp_rmem_max)
+    wscale = 0
+    while space > 0xFFFF and wscale < 14:
+        space >>= 1
+        wscale += 1
+    return wscale
+
+
+def _sysctl_int(path: str, default: int, field: int = 0) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[field])
+    except (OSError, ValueError, IndexError):
+        return default
