@@ -92,7 +92,22 @@ RST and SYN, ``seq = ISN``), in the two situations where it can tell:
   open) to ESTABLISHED too; that ACK gets its ``ack_repeats`` again. The timer stays armed meanwhile, so
   the caller keeps feeding us. If that ACK is lost as well, the next late SYN-ACK reopens again.
 
-Neither path accepts anything new: the numbers are checked exactly as before, a misfit still changes no
+* *The peer keeps resending its SYN while we are in SYN-RECEIVED*: our SYN-ACK does not reach it. The peer's
+  SYN passed our poisoned entry untracked, and our SYN-ACK in the original direction is INVALID there
+  (SYN_SENT, or SYN_SENT2 with window data that refuses our numbers), so every retransmission dies at our
+  own NAT. A retransmitted SYN within ``max(initial_rto, 2 * rtt)`` of our first SYN-ACK may merely have
+  crossed it and is answered as before; a later one proves the peer is still in SYN-SENT (an ESTABLISHED
+  peer never sends a SYN). We reopen our entry and go back to SYN-SENT with our real SYN: it reaches the
+  peer's NAT in the reply direction (SYN_SENT2 there) and the peer, which answers SYN-ACK; that SYN-ACK
+  moves our fresh entry to SYN_RECV (the ordinary open) and we finish as the active opener. The same happens
+  when a RST with wrong numbers came through our NAT while we were in SYN-RECEIVED and nothing from the peer
+  follows within that crossing time: conntrack took the RST and closed our entry (CLOSE refuses our SYN-ACK
+  and the peer's SYN retransmissions alike, so we would hear nothing more). We never go back on silence
+  alone: a peer that is ESTABLISHED with its ACKs lost would then answer our SYN with a bare ACK, and an ACK
+  cannot complete our fresh entry (an original-direction ACK in SYN_SENT is INVALID), so SYN-SENT ignores
+  it.
+
+None of these paths accepts anything new: the numbers are checked exactly as before, a misfit still changes no
 state, and the duplicate SYN-ACK must carry exactly the peer's ISN and ``ack = ISN + 1`` to trigger a
 reopen; a blind attacker can at most make us reopen our entry before the peer's SYN, which is harmless.
 A forgery after the peer's genuine SYN has passed our NAT cannot poison it (that side is initialised;
@@ -202,6 +217,10 @@ class PunchConfig:
     max_rto: float = 2.0
     deadline: float = 10.0
     """Seconds after ``start`` at which an unfinished punch fails."""
+    rtt: float | None = None
+    """Round-trip estimate to the peer in seconds (e.g. the rendezvous RTT), if known. A SYN of the peer
+    arriving in SYN-RECEIVED more than ``max(initial_rto, 2 * rtt)`` after our first SYN-ACK means our
+    SYN-ACK is not getting out."""
     ack_repeats: int = 3
     """Copies of the final ACK sent after it, one RTO apart (``initial_rto``, then backed off). Needed because
     once our ACK has passed the peer's NAT, that NAT is ESTABLISHED and drops the peer's retransmitted
@@ -228,6 +247,8 @@ class PunchConfig:
                 raise ValueError(f"MSS must be 1..65535, got {opts.mss}")
         if not (0 < self.initial_rto <= self.max_rto and self.backoff >= 1):
             raise ValueError("need 0 < initial_rto <= max_rto and backoff >= 1")
+        if self.rtt is not None and self.rtt <= 0:
+            raise ValueError(f"rtt must be positive when given, got {self.rtt}")
         if self.syn_delay < 0 or self.deadline <= 0 or self.ack_repeats < 0:
             raise ValueError("need syn_delay >= 0, deadline > 0 and ack_repeats >= 0")
 
@@ -403,8 +424,17 @@ class PunchEngine:
         self._rtt_bound = 0.0  # first real SYN -> Connected: at least one round trip
         self._acked_at = 0.0  # our ACK that should have ended the peer's SYN-ACK retransmissions
         self._reopened_since_ack = False
+        self._synack_since = 0.0  # when we entered SYN-RECEIVED
+        self._suspect_closed_at: float | None = None  # a misfit RST passed our NAT in SYN-RECEIVED
         self._outbox: list[Segment] = []
         self._events: deque[Event] = deque()
+
+    @property
+    def _crossing_time(self) -> float:
+        """How long after our first SYN-ACK a retransmitted SYN of the peer may merely have crossed it."""
+        return (
+            max(self.config.initial_rto, 2 * self.config.rtt) if self.config.rtt else self.config.initial_rto
+        )
 
     @property
     def priming_seq(self) -> int:
@@ -466,7 +496,9 @@ class PunchEngine:
         if now >= self._started + self.config.deadline:
             self._fail(self._deadline_reason(), now)
         elif self._next_send is not None and now >= self._next_send:
-            if self.state is PunchState.SYN_RECEIVED:
+            if self.state is PunchState.SYN_RECEIVED and self._entry_closed(now):
+                self._back_to_syn_sent(now)
+            elif self.state is PunchState.SYN_RECEIVED:
                 self._send_synack(now)
             else:
                 self._send_syn(now)
@@ -511,6 +543,7 @@ class PunchEngine:
         if self.state is not PunchState.SYN_RECEIVED:
             self.state = PunchState.SYN_RECEIVED
             self._transmissions, self._rto = 0, self.config.initial_rto
+            self._synack_since = now
         self._outbox.append(self._synack(now))
         self._transmissions += 1
         self._events.append(SynAckSent(self._transmissions, self._elapsed(now)))
@@ -601,11 +634,26 @@ class PunchEngine:
         self._connect(now)
 
     def _on_duplicate_syn(self, seg: Segment, now: float) -> None:
-        """SYN-RECEIVED: the peer resent its SYN, so our SYN-ACK may be lost: answer again now."""
-        if self._fits(seg, seq=self.config.peer_isn):
-            self._learn(seg)
-            self._outbox.append(self._synack(now))
-            self._events.append(SynAckSent(self._transmissions, self._elapsed(now)))
+        """SYN-RECEIVED: the peer resent its SYN, so our SYN-ACK has not reached it. Soon after our first
+        SYN-ACK the two may have crossed: answer again now. Later, our own NAT is refusing the SYN-ACK (an
+        entry poisoned before the peer's SYN, which passed untracked): reopen the entry and start over from
+        SYN-SENT (see "Poisoned entries" in the module docstring)."""
+        if not self._fits(seg, seq=self.config.peer_isn):
+            return
+        self._learn(seg)
+        if self.config.priming_ttl is not None and now - self._synack_since > self._crossing_time:
+            self._back_to_syn_sent(now)
+            return
+        self._outbox.append(self._synack(now))
+        self._events.append(SynAckSent(self._transmissions, self._elapsed(now)))
+
+    def _back_to_syn_sent(self, now: float) -> None:
+        """Our SYN-ACK cannot leave our NAT: reopen the entry (low-TTL RST and SYN) and send our real SYN."""
+        self.poison_reopens += 1
+        self._suspect_closed_at = None
+        self.state = PunchState.SYN_SENT
+        self._transmissions, self._rto = 1, self.config.initial_rto  # a retransmission: _send_syn reopens
+        self._send_syn(now)
 
     def _on_late_handshake(self, seg: Segment, now: float) -> None:
         """ESTABLISHED: the peer resent its SYN, so our ACK was lost (RFC 5961 4.2: ACK it)."""
@@ -636,6 +684,8 @@ class PunchEngine:
         if origin is None:
             self._ignore(f"RST not exactly matching while {self.state.value} (RFC 5961 section 3)")
             self._suspect_poison(now)
+            if self.state is PunchState.SYN_RECEIVED and self._suspect_closed_at is None:
+                self._suspect_closed_at = now
             return
         self.resets[origin] += 1
         self._events.append(ResetReceived(origin, self.resets[origin], self._elapsed(now)))
@@ -653,6 +703,13 @@ class PunchEngine:
         self._ignore(f"{segment_kind(seg).value} while {self.state.value}")
 
     # --- helpers -----------------------------------------------------------------------------------------
+
+    def _entry_closed(self, now: float) -> bool:
+        """A misfit RST from the peer's endpoint passed our NAT in SYN-RECEIVED, and nothing from the peer
+        has come since for a crossing time: conntrack took the RST and closed our entry (CLOSE refuses our
+        SYN-ACK and the peer's SYN alike). An ESTABLISHED peer would have ACKed within that time."""
+        since = self._suspect_closed_at
+        return since is not None and now - since >= self._crossing_time
 
     def _suspect_poison(self, now: float) -> None:
         """Before the peer's SYN came in, a SYN, SYN-ACK or RST from the peer's endpoint with wrong
@@ -687,6 +744,7 @@ class PunchEngine:
 
     def _learn(self, seg: Segment) -> None:
         """Remember the peer's window (RFC 7323 2.2: unscaled in a SYN) and its TSval (ts_recent)."""
+        self._suspect_closed_at = None  # the peer got through: our entry is not closed
         shift = 0 if seg.syn else (self.negotiated.snd_wscale or 0)
         self._snd_wnd, self._snd_wl1 = seg.window << shift, seg.seq
         self._max_window = max(self._max_window, self._snd_wnd)

@@ -178,6 +178,7 @@ async def punch(settings: PunchSettings) -> PunchResult:
             slot=reg.slot,
             deadline=settings.deadline,
             syn_delay=syn_delay,
+            rtt=client.core.rtt,
         )
         try:
             with _Capture(settings.pcap, local.port):

@@ -241,6 +241,79 @@ def test_late_duplicate_synack_without_priming_is_just_acked() -> None:
     assert shape(d.feed(peer_segment(d.engine.config, "syn-ack"), after=1.0)) == [(ACK, 64)]
 
 
+# --- a duplicate SYN in SYN-RECEIVED: crossed our SYN-ACK, or our NAT refuses the SYN-ACK -----------------
+
+
+def test_duplicate_syn_soon_after_our_synack_is_answered_again() -> None:
+    d = engine_in(St.SYN_RECEIVED)  # SYN-ACK sent at 100.06; crossing time: initial_rto (0.25 s)
+    assert shape(d.feed(peer_segment(d.engine.config, "syn"), after=0.2)) == [(SA, 64)]
+    assert d.engine.state is St.SYN_RECEIVED and d.engine.poison_reopens == 0
+
+
+def test_late_duplicate_syn_reopens_our_entry_and_goes_back_to_syn_sent() -> None:
+    d = engine_in(St.SYN_RECEIVED)
+    sent = d.feed(peer_segment(d.engine.config, "syn"), after=0.3)
+    # the peer is still in SYN-SENT, so our SYN-ACK dies at our own NAT: a fresh entry, then our real SYN
+    assert [(s.flags, s.seq, s.ttl) for s in sent] == [(RST, A_ISN, 2), (SYN, A_ISN, 2), (SYN, A_ISN, 64)]
+    assert d.engine.state is St.SYN_SENT and d.engine.poison_reopens == 1
+    # the peer answers our SYN with its SYN-ACK, which the fresh entry admits: we finish as the active opener
+    assert shape(d.feed(peer_segment(d.engine.config, "syn-ack"), after=0.05)) == [(ACK, 64)]
+    assert d.engine.state is St.ESTABLISHED and len(d.of_type(Connected)) == 1
+
+
+def test_after_going_back_to_syn_sent_a_bare_ack_never_connects() -> None:
+    """An ESTABLISHED peer whose ACKs were lost answers our SYN with an ACK: it cannot complete our fresh
+    entry (an original-direction ACK in SYN_SENT is INVALID), so the engine must not connect on it."""
+    d = engine_in(St.SYN_RECEIVED)
+    d.feed(peer_segment(d.engine.config, "syn"), after=0.3)
+    assert d.feed(peer_segment(d.engine.config, "ack"), after=0.05) == []
+    assert d.engine.state is St.SYN_SENT and not d.of_type(Connected)
+
+
+def test_crossing_time_follows_the_rtt_estimate() -> None:
+    d = engine_in(St.SYN_RECEIVED, rtt=0.4)  # crossing time 2 x 0.4 s
+    assert shape(d.feed(peer_segment(d.engine.config, "syn"), after=0.7)) == [(SA, 64)]
+    assert d.engine.state is St.SYN_RECEIVED
+    assert shape(d.feed(peer_segment(d.engine.config, "syn"), after=0.2))[-1] == (SYN, 64)
+    assert d.engine.state is St.SYN_SENT
+
+
+def test_late_duplicate_syn_with_wrong_numbers_or_without_priming_changes_nothing() -> None:
+    d = engine_in(St.SYN_RECEIVED)
+    assert d.feed(peer_segment(d.engine.config, "syn", seq=B_ISN + 7), after=1.0) == []
+    assert d.engine.state is St.SYN_RECEIVED and d.engine.poison_reopens == 0
+    plain = engine_in(St.SYN_RECEIVED, priming_ttl=None)
+    assert shape(plain.feed(peer_segment(plain.engine.config, "syn"), after=1.0)) == [(SA, 64)]
+
+
+def test_misfit_rst_in_syn_received_then_silence_goes_back_to_syn_sent() -> None:
+    """A forged RST that reached us passed our NAT, which closed our entry: nothing more gets through."""
+    d = engine_in(St.SYN_RECEIVED)  # SYN-ACK at 100.06, retransmission due at 100.31
+    assert d.feed(peer_segment(d.engine.config, "rst", seq=B_ISN + 999), after=0.01) == []
+    assert d.engine.state is St.SYN_RECEIVED  # first the timer: an ESTABLISHED peer would ACK meanwhile
+    sent = d.tick()
+    assert shape(sent) == [(SA, 64)] and d.engine.state is St.SYN_RECEIVED  # 0.24 s < crossing time
+    sent = d.tick()
+    assert [(s.flags, s.seq, s.ttl) for s in sent] == [(RST, A_ISN, 2), (SYN, A_ISN, 2), (SYN, A_ISN, 64)]
+    assert d.engine.state is St.SYN_SENT and d.engine.poison_reopens == 1
+
+
+def test_misfit_rst_then_the_peers_ack_connects_as_usual() -> None:
+    d = engine_in(St.SYN_RECEIVED)
+    d.feed(peer_segment(d.engine.config, "rst", seq=B_ISN + 999), after=0.01)
+    d.feed(peer_segment(d.engine.config, "ack"), after=0.01)
+    assert d.engine.state is St.ESTABLISHED and d.engine.poison_reopens == 0
+
+
+def test_misfit_rst_then_a_fitting_segment_from_the_peer_clears_the_suspicion() -> None:
+    d = engine_in(St.SYN_RECEIVED)
+    d.feed(peer_segment(d.engine.config, "rst", seq=B_ISN + 999), after=0.01)
+    d.feed(peer_segment(d.engine.config, "syn"), after=0.01)  # crossed our SYN-ACK: answered
+    for _ in range(3):
+        assert shape(d.tick()) == [(SA, 64)]
+    assert d.engine.state is St.SYN_RECEIVED and d.engine.poison_reopens == 0
+
+
 # --- what goes out, and when --------------------------------------------------------------------------------
 
 
