@@ -21,8 +21,9 @@ __version__ = "0.1.0"
 async def connect_async(server: str, session: str | bytes, **settings: Any) -> socket.socket:
     """Punch a TCP connection to the peer using ``session`` at ``server`` (``HOST:PORT``).
 
-    Keyword arguments are ``rawpunch.punch.session.PunchSettings`` fields: ``local_port``,
-    ``priming_ttl``, ``deadline``, ``peer_timeout``, ``pcap``, ``on_event``.
+    Keyword arguments are ``rawpunch.punch.session.PunchSettings`` fields: ``strategy`` (one of
+    ``rawpunch.strategy.STRATEGY_NAMES``; default ``"auto"``), ``local_port``, ``priming_ttl``,
+    ``deadline``, ``peer_timeout``, ``pcap``, ``on_event``.
     """
     from rawpunch.proto.codec import Endpoint  # noqa: PLC0415 - importing rawpunch stays cheap
     from rawpunch.punch.session import PunchSettings, punch  # noqa: PLC0415

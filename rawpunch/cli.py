@@ -2,6 +2,7 @@
 
   rawpunch server --listen HOST:PORT     run the rendezvous server
   rawpunch peer --server HOST:PORT ...   punch a direct TCP connection to a peer
+  rawpunch probe --server HOST:PORT      classify how the NAT in front of this host treats TCP
   rawpunch lab ...                       NAT lab in network namespaces
   rawpunch cleanup                       remove what a killed run left behind
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -43,6 +45,13 @@ def parse_endpoint(text: str) -> Endpoint:
         return Endpoint(str(infos[0][4][0]), int(port))
 
 
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a numeric IPv4 address") from None
+
+
 def _add_server(sub: Any) -> None:
     p = sub.add_parser(
         "server",
@@ -60,10 +69,53 @@ def _add_server(sub: Any) -> None:
     p.add_argument(
         "--tcp-port", type=int, default=None, help="TCP discovery port (default: the UDP port number)"
     )
+    p.add_argument(
+        "--alt-address",
+        type=_ipv4,
+        metavar="IP",
+        help="a second address of this machine: enables the NAT probe's server part (rawpunch probe). "
+        "ROOT ONLY: it sends crafted SYNs and captures answers on raw sockets. Needs --listen with the "
+        "main address (not 0.0.0.0)",
+    )
+    p.add_argument(
+        "--probe-port",
+        type=int,
+        default=None,
+        help="the probe's second TCP port, on both addresses (default: the TCP port + 1)",
+    )
     p.add_argument("--max-sessions", type=int, default=10_000)
     p.add_argument("--rate", type=float, default=200.0, help="messages per second per source address")
     p.add_argument("-v", "--verbose", action="store_true", help="log every dropped datagram")
     p.set_defaults(func=_run_server)
+
+
+def _add_probe(sub: Any) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="classify how the NAT in front of this host treats TCP (root)",
+        description="Classify the NAT in front of this host for TCP (RFC 4787 / RFC 5382 terms): mapping, "
+        "filtering, port allocation, reaction to an unsolicited SYN, simultaneous open, hops to the NAT and "
+        "a priming TTL, hairpinning, and an RFC 5382 checklist. Needs root (raw sockets) and a server "
+        "started with --alt-address (without, only allocation and hops are measured). The result is cached "
+        "for 10 minutes per network for `rawpunch peer --strategy auto`.",
+    )
+    p.add_argument("--server", type=parse_endpoint, required=True, metavar="HOST:PORT")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument(
+        "--timers",
+        action="store_true",
+        help="also measure SYN_SENT and ESTABLISHED mapping lifetimes (bounded by --timer-limit)",
+    )
+    p.add_argument(
+        "--timer-limit",
+        type=float,
+        default=16.0,
+        metavar="S",
+        help="--timers tries idle times of 1, 4 and 16 s, those up to S (default 16)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="do not store the result in the cache")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_run_probe)
 
 
 def _add_cleanup(sub: Any) -> None:
@@ -82,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rawpunch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"rawpunch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{server,peer,lab,cleanup}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{server,peer,probe,lab,cleanup}")
     _add_server(sub)
     add_peer_parser(sub, parse_endpoint)
+    _add_probe(sub)
     from rawpunch.lab.cli import add_lab_parser  # noqa: PLC0415 - keeps pyroute2 out of server start-up
 
     add_lab_parser(sub)
@@ -110,6 +163,8 @@ def _run_server(args: argparse.Namespace) -> int:
             args.listen.host,
             args.listen.port,
             args.tcp_port,
+            alt_address=args.alt_address,
+            probe_port=args.probe_port,
             max_sessions=args.max_sessions,
             rate_per_source=args.rate,
             burst_per_source=2 * args.rate,
@@ -127,6 +182,41 @@ def _run_server(args: argparse.Namespace) -> int:
     except ServerStartError as exc:
         print(f"rawpunch server: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    return 0
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from rawpunch.probe import cache  # noqa: PLC0415
+    from rawpunch.probe.classify import table  # noqa: PLC0415
+    from rawpunch.probe.run import ProbeError, probe  # noqa: PLC0415
+    from rawpunch.rendezvous.client import RendezvousError  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
+    if os.geteuid() != 0:
+        print(
+            "rawpunch probe: needs root: it captures SYNs and sends crafted ones (run with sudo)",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_ROOT
+    if not 1 <= args.timer_limit <= 16:
+        print("rawpunch probe: --timer-limit must be between 1 and 16 seconds", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(probe(args.server, timers=args.timers, timer_limit=args.timer_limit))
+    except (ProbeError, RendezvousError) as exc:
+        print(f"rawpunch probe: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"rawpunch probe via {args.server}:\n{table(result)}", file=sys.stderr)
+    for note in result.extra.get("notes", []):
+        print(f"  note: {note}", file=sys.stderr)
+    if not args.no_cache:
+        cache.store(result)
+    if args.json:
+        data = result.to_json()
+        data["rfc5382"] = data["extra"].pop("rfc5382", [])
+        print(json.dumps(data))
     return 0
 
 

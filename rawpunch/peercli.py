@@ -5,6 +5,8 @@ stdin half-closes; the command exits once both directions are done. ``--listen H
 the first local TCP client's connection over the punched one; ``--connect HOST:PORT`` carries the
 punched connection to a local service (ssh, say); ``--exec CMD`` hands the punched socket itself to
 CMD as its stdin and stdout. ``--rendezvous-only`` stops after the synchronised go (no root needed).
+``--strategy`` picks how to punch (``rawpunch.strategy``); the default ``auto`` tries a cascade chosen from
+what both peers know of their NATs, under one ``--deadline``.
 
 Exit codes: 0 done; 1 the punch or rendezvous failed (stderr says why); 2 bad command line;
 3 needs root; 4 missing system support (iptables, NFQUEUE); 130 interrupted; with ``--exec``, the
@@ -29,9 +31,11 @@ from typing import IO, Any
 
 from rawpunch.proto.codec import Endpoint, ResultCode, ResultInfo, TcpMapping
 from rawpunch.proto.peerinfo import Capability, PeerInfo
+from rawpunch.strategy import STRATEGY_NAMES
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_ROOT, EXIT_NO_SUPPORT = 1, 2, 3, 4
 MIN_SECRET_LEN = 16
+MAX_SYN_BUDGET = 8000  # a socket each, and a burst a NAT's conntrack table must hold
 CHUNK = 256 * 1024
 log = logging.getLogger("rawpunch.peer")
 
@@ -73,18 +77,57 @@ def add_peer_parser(sub: Any, endpoint: Any) -> None:
         action="store_true",
         help="only meet the peer: print endpoints and the go as JSON lines, no punch",
     )
+    p.add_argument(
+        "--strategy",
+        type=_strategy,
+        default="auto",
+        metavar="NAME[,NAME...]",
+        help=(
+            f"how to punch: {', '.join(STRATEGY_NAMES)}, or a comma-separated cascade; both peers must "
+            "agree (default auto: a cascade chosen from what both peers know of their NATs)"
+        ),
+    )
+    p.add_argument(
+        "--syn-budget",
+        type=_syn_budget,
+        default=1000,
+        metavar="N",
+        help="SYNs of a birthday attempt, both sides together (default 1000: about 98%% success)",
+    )
     p.add_argument("--port", type=int, default=0, help="local TCP port to punch from (default: any free)")
     p.add_argument(
         "--ttl", type=int, default=None, help="TTL of the priming SYN (default: chosen from the path)"
     )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the peer (default 60)")
     p.add_argument(
-        "--deadline", type=float, default=10.0, help="seconds for the handshake after go (default 10)"
+        "--deadline",
+        type=float,
+        default=10.0,
+        help="seconds for the punch once the peer is found, all strategy attempts together (default 10)",
     )
     p.add_argument("--events", metavar="FILE", help="write one JSON line per step to FILE")
     p.add_argument("--pcap", metavar="FILE", help="record the handshake (tcpdump) to FILE")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run_peer)
+
+
+def _syn_budget(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 2 <= value <= MAX_SYN_BUDGET:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of SYNs from 2 to {MAX_SYN_BUDGET}")
+    return value
+
+
+def _strategy(text: str) -> str:
+    from rawpunch.strategy.runner import check_strategy  # noqa: PLC0415
+
+    try:
+        return check_strategy(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class _Events:
@@ -170,6 +213,8 @@ def _punch_and_run(args: argparse.Namespace, events: _Events) -> int:
         local_port=args.port,
         priming_ttl=args.ttl,
         deadline=args.deadline,
+        strategy=args.strategy,
+        syn_budget=args.syn_budget,
         peer_timeout=args.timeout,
         pcap=args.pcap,
         on_event=events,

@@ -1,17 +1,24 @@
 """``rawpunch lab ...``: list the NAT profiles, self-test them, clean up after dead lab runs.
 
+``up``, ``down``, ``run`` and ``shell`` (persistent labs) live in upcli.py.
+
 The main CLI wires this in with ``add_lab_parser(subparsers)``; the parser sets ``func=run_lab``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
 
+from rawpunch.lab.matrix_run import add_matrix_parser, run_matrix_command
 from rawpunch.lab.nsproc import NeedsRootError
 from rawpunch.lab.profiles import PROFILES
+from rawpunch.lab.router import add_router_parser, run_router_command
+from rawpunch.lab.upcli import COMMANDS as UP_COMMANDS
+from rawpunch.lab.upcli import add_up_parsers, run_up_command
 
 
 def add_lab_parser(subparsers: Any) -> None:
@@ -19,10 +26,13 @@ def add_lab_parser(subparsers: Any) -> None:
     lab = subparsers.add_parser(
         "lab",
         help="network-namespace NAT lab",
-        description="Network-namespace NAT lab: profiles, their self-test, and clean-up.",
+        description="Network-namespace NAT lab: profiles, their self-test, persistent labs to work in "
+        "(up, run, shell, down), and clean-up.",
     )
     lab.set_defaults(func=run_lab)
-    sub = lab.add_subparsers(dest="lab_command", required=True, metavar="{clean,list,selftest}")
+    sub = lab.add_subparsers(
+        dest="lab_command", required=True, metavar="{up,down,run,shell,list,clean,selftest,matrix}"
+    )
     clean = sub.add_parser(
         "clean",
         help="remove namespaces and records of lab runs whose owner died (needs root)",
@@ -37,6 +47,7 @@ def add_lab_parser(subparsers: Any) -> None:
         "allocation, unsolicited_syn; flags hairpin, nat, port_overloading) and how the lab builds it.",
     )
     listing.add_argument("--json", action="store_true", help="print a JSON list")
+    listing.add_argument("--running", action="store_true", help="list the labs started by `lab up` instead")
     selftest = sub.add_parser(
         "selftest",
         help="check that lab NATs behave as their profiles claim (needs root)",
@@ -49,13 +60,23 @@ def add_lab_parser(subparsers: Any) -> None:
     selftest.add_argument(
         "--record", metavar="DIR", help="keep pcaps, conntrack events and the environment in DIR/<profile>/"
     )
+    add_matrix_parser(sub)
+    add_up_parsers(sub)
+    add_router_parser(sub)
 
 
 def run_lab(args: argparse.Namespace) -> int:
     if args.lab_command == "list":
-        return _list(json_output=args.json)
+        running = getattr(args, "running", False)  # namespaces built by hand (tests) may lack it
+        return _list_running(json_output=args.json) if running else _list(json_output=args.json)
+    if args.lab_command in UP_COMMANDS:
+        return run_up_command(args)
     if args.lab_command == "clean":
         return _clean(all_runs=args.all_runs)
+    if args.lab_command == "router":
+        return run_router_command(args)
+    if args.lab_command == "matrix":
+        return run_matrix_command(args)
     if args.lab_command == "selftest":
         return _selftest(args.profiles or list(PROFILES), json_output=args.json, record=args.record)
     print(f"rawpunch lab: unknown command {args.lab_command!r}", file=sys.stderr)
@@ -80,10 +101,31 @@ def _list(json_output: bool) -> int:
     return 0
 
 
+def _list_running(json_output: bool) -> int:
+    from rawpunch.lab.labspec import format_lab  # noqa: PLC0415
+    from rawpunch.lab.persist import running_labs, supervisor_state  # noqa: PLC0415
+
+    labs = running_labs()
+    if json_output:
+        print(json.dumps([{**r.info, "supervisor_pid": r.owner_pid, "alive": r.owner_alive()} for r in labs]))
+        return 0
+    for record in labs:
+        print(format_lab(record.info, supervisor_state(record)))
+    if not labs:
+        print("no labs running (`rawpunch lab up` starts one)")
+    return 0
+
+
 def _clean(all_runs: bool) -> int:
     from rawpunch.lab.clean import clean_labs  # noqa: PLC0415 - pulls in pyroute2: only when needed
 
     try:
+        if all_runs:  # a `lab up` supervisor whose lab vanished would sleep for ever: stop it properly first
+            from rawpunch.lab.persist import LabError, running_labs, stop  # noqa: PLC0415
+
+            for record in running_labs():
+                with contextlib.suppress(LabError):
+                    print(stop(record.run_id))
         removed = clean_labs(all_runs=all_runs)
     except NeedsRootError as e:
         print(e, file=sys.stderr)

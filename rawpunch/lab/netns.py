@@ -56,6 +56,7 @@ from rawpunch.lab.nsproc import (
 )
 from rawpunch.lab.profiles import get_profile
 from rawpunch.lab.registry import new_record, record_path, remove_record, write_record
+from rawpunch.lab.router import node_sysctls, usernat_args
 from rawpunch.lab.topology import Topology
 
 T = TypeVar("T")
@@ -76,31 +77,6 @@ def new_run_id() -> str:
 
 def netns_name(run_id: str, node: str) -> str:
     return f"{LAB_PREFIX}{run_id}-{node}"
-
-
-def _sysctls(forwarding: bool, userspace_nat: bool = False) -> dict[str, str]:
-    settings = {
-        # IPv6 off before any interface exists: no link-local addresses, router solicitations or MLD noise.
-        "net/ipv6/conf/all/disable_ipv6": "1",
-        "net/ipv6/conf/default/disable_ipv6": "1",
-        "net/ipv6/conf/lo/disable_ipv6": "1",
-        # Reverse-path filtering would drop legitimately asymmetric or spoofed-source lab traffic (crafted
-        # packets).
-        "net/ipv4/conf/all/rp_filter": "0",
-        "net/ipv4/conf/default/rp_filter": "0",
-        "net/ipv4/ip_forward": "1" if forwarding else "0",
-    }
-    if forwarding:
-        # ICMP errors (time exceeded, unreachable) are rate limited per destination by default; tests that
-        # count on an ICMP answer to each low-TTL probe must not depend on timing.
-        settings["net/ipv4/icmp_ratelimit"] = "0"
-    if userspace_nat:
-        # Hairpinned segments come back in on the LAN with the NAT's own public address as their source:
-        # without accept_local routing drops them as martians; and no ICMP redirect for in == out.
-        settings["net/ipv4/conf/all/accept_local"] = "1"
-        settings["net/ipv4/conf/all/send_redirects"] = "0"
-        settings["net/ipv4/conf/default/send_redirects"] = "0"
-    return settings
 
 
 def _apply_sysctls(settings: dict[str, str]) -> None:
@@ -269,8 +245,7 @@ class Lab:
             for ns in self.namespaces.values():
                 create_netns(ns)
             for node in self.topology.nodes:
-                userspace = node.role == "nat" and get_profile(node.profile or "").backend == "userspace"
-                settings = _sysctls(forwarding=node.role in ("nat", "router"), userspace_nat=userspace)
+                settings = node_sysctls(node.role, get_profile(node.profile) if node.profile else None)
                 run_in_netns(self.namespaces[node.name], _apply_sysctls, (settings,), 10.0)
             self._build_network()
             for node in self.topology.nodes:
@@ -320,8 +295,7 @@ class Lab:
         profile = get_profile(self.topology.node(name).profile or "")
         if profile.backend == "userspace":
             public, lan = self.topology.public_address(name), self.topology.address(name)
-            argv = ["--profile", profile.name, "--public-ip", str(public), "--lan-ip", str(lan)]
-            self._start_daemon(name, "rawpunch.lab.usernat", argv)
+            self._start_daemon(name, "rawpunch.lab.usernat", usernat_args(profile, public, lan))
         self._nats_configured.append(name)
         self.node(name).run(["iptables-restore", "-w"], input=profile.iptables_restore(lan="lan", wan="wan"))
 

@@ -3,8 +3,12 @@
 A lab writes its record *before* it creates any namespace and removes it *after* the last namespace is gone,
 so at any instant every ``rp-`` namespace of a live run is covered by a record. The record names the owner
 process by pid and start time (pids are reused; the pair is not), which lets a cleaner tell a run whose
-owner was SIGKILLed from one that is still running. /run is a tmpfs: after a reboot there are neither
-namespaces nor records.
+owner was SIGKILLed from one that is still running. A zombie owner counts as dead: it can no longer clean
+up, and where nothing reaps orphans (a container's init that does not wait) it would otherwise look alive
+for ever. /run is a tmpfs: after a reboot there are neither namespaces nor records.
+
+``info`` is free-form data the owner may add once the lab is up (``rawpunch lab up`` stores the spec, the
+nodes' addresses and the rendezvous server there), so a record removed by the cleaner takes it along.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rawpunch.lab.nsproc import RUN_DIR, proc_start_time
 
@@ -28,14 +33,23 @@ class RunRecord:
     owner_start_time: int
     namespaces: tuple[str, ...]
     created: float
+    info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def path(self) -> Path:
         return record_path(self.run_id)
 
     def owner_alive(self) -> bool:
-        """True while the process that built the lab still runs (same pid *and* same start time)."""
-        return proc_start_time(self.owner_pid) == self.owner_start_time
+        """True while the process that built the lab still runs (same pid *and* start time, not a zombie)."""
+        return proc_start_time(self.owner_pid) == self.owner_start_time and not _is_zombie(self.owner_pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] in ("Z", "X")  # field 3, after the command name
 
 
 def record_path(run_id: str) -> Path:
@@ -82,6 +96,7 @@ def read_records() -> tuple[list[RunRecord], list[Path]]:
                         owner_start_time=int(data["owner_start_time"]),
                         namespaces=tuple(str(n) for n in data["namespaces"]),
                         created=float(data["created"]),
+                        info=dict(data.get("info") or {}),
                     )
                 )
             except FileNotFoundError:
@@ -89,3 +104,9 @@ def read_records() -> tuple[list[RunRecord], list[Path]]:
             except (ValueError, KeyError, TypeError):
                 broken.append(path)
     return records, broken
+
+
+def read_record(run_id: str) -> RunRecord | None:
+    """The record of *run_id*, or None if there is none (or it cannot be read)."""
+    records, _ = read_records()
+    return next((r for r in records if r.run_id == run_id), None)

@@ -16,9 +16,11 @@ peer of its ``wan`` interface. A NAT has exactly the interfaces ``lan`` and ``wa
 name them). A double NAT (a profile with ``layers``) is two NAT nodes in a row: ``cpe-x`` (the home router,
 LAN 10.0.x.0/24) behind ``nat-x`` (the carrier-grade NAT, LAN in 100.64.0.0/10, RFC 6598).
 
-Address plan of ``two_nats``: core links are /30s of 198.51.100.0/25; the vantage hosts ``probe1`` and
+Address plan of ``two_nats``: core links are /29s of 198.51.100.0/25; the vantage hosts ``probe1`` and
 ``probe2`` and the public LANs of NAT-less profiles use 198.51.100.128/25; the server is 203.0.113.10.
-192.0.2.0/24 is left to tests that add hosts of their own.
+192.0.2.0/24 is left to tests that add hosts of their own. Every subnet keeps its last usable address free:
+the docker-compose backend (compose.py) must give that one to docker's bridge gateway, so a /30 (two
+usable addresses, both taken by the link's ends) would not do.
 """
 
 from __future__ import annotations
@@ -50,14 +52,18 @@ PRIVATE_RANGES: tuple[IPv4Network, ...] = (IPv4Network("10.0.0.0/8"), IPv4Networ
 
 DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 CORE_NET = IPv4Network("198.51.100.0/25")
-CORE_LINK_PREFIX = 30
+CORE_LINK_PREFIX = 29
 SERVER_NET = IPv4Network("203.0.113.0/24")
 SERVER_ADDR = IPv4Address("203.0.113.10")
-#: The core links of two_nats are /30s carved from 198.51.100.0/25: hops + 1 of them must fit.
+#: The server's second address (``two_nats(server_alt=True)``, for ``rawpunch server --alt-address``): its
+#: own link to the middle router, so no node needs two addresses on one interface.
+SERVER_ALT_NET = IPv4Network("198.51.100.192/29")
+SERVER_ALT_ADDR = IPv4Address("198.51.100.194")
+#: The core links of two_nats are /29s carved from 198.51.100.0/25: hops + 1 of them must fit.
 MAX_HOPS = 2 ** (CORE_LINK_PREFIX - CORE_NET.prefixlen) - 1
 #: The vantage hosts of the NAT self-test, on the middle router (two different public addresses).
 PROBES: tuple[str, ...] = ("probe1", "probe2")
-PROBE_NETS: tuple[IPv4Network, ...] = (IPv4Network("198.51.100.128/30"), IPv4Network("198.51.100.132/30"))
+PROBE_NETS: tuple[IPv4Network, ...] = (IPv4Network("198.51.100.128/29"), IPv4Network("198.51.100.136/29"))
 #: The LAN of a side whose profile does not translate: the host is publicly addressed.
 PUBLIC_LANS = {"a": IPv4Network("198.51.100.160/28"), "b": IPv4Network("198.51.100.176/28")}
 PRIVATE_LANS = {"a": IPv4Network("10.0.1.0/24"), "b": IPv4Network("10.0.2.0/24")}
@@ -420,6 +426,7 @@ def two_nats(
     *,
     probes: bool = False,
     impairment: Impairment | None = None,
+    server_alt: bool = False,
 ) -> Topology:
     """Two hosts behind two NATs, *hops* core routers between the NATs, a server on the middle router::
 
@@ -428,12 +435,14 @@ def two_nats(
                      server (203.0.113.10) on r((N+1)//2)     (+ probe1, probe2 there with probes=True)
 
     a is 10.0.1.2 behind nat-a's 10.0.1.1, b is 10.0.2.2 behind nat-b's 10.0.2.1; the WAN and core links are
-    /30s of 198.51.100.0/25. With hops >= 2, a packet from a with TTL 2 passes nat-a and expires at r1, before
+    /29s of 198.51.100.0/25. With hops >= 2, a packet from a with TTL 2 passes nat-a and expires at r1, before
     it could reach nat-b: the low-TTL priming of a NAT mapping is possible.
 
     A profile without translation puts its host in 198.51.100.160/28 (a) or .176/28 (b); a double NAT adds
     ``cpe-a`` (home router, 10.0.1.1) in front of nat-a (carrier-grade NAT, LAN 100.64.1.0/24). *probes*
-    adds the self-test's vantage hosts; *impairment* makes the middle router, which every path between
+    adds the self-test's vantage hosts; *server_alt* gives the server a second address,
+    SERVER_ALT_ADDR (198.51.100.194, on its own link ``eth1`` to the middle router: the NAT probe's server
+    part, ``rawpunch server --alt-address``); *impairment* makes the middle router, which every path between
     a, b, the server and the probes crosses once, delay and drop what it forwards.
     """
     if isinstance(hops, bool) or not isinstance(hops, int):
@@ -467,6 +476,8 @@ def two_nats(
     if probes:
         for probe, subnet in zip(PROBES, PROBE_NETS, strict=True):
             links.append(_p2p(middle, ifname(middle, ""), probe, "eth0", subnet))
+    if server_alt:
+        links.append(_p2p(middle, ifname(middle, ""), "server", "eth1", SERVER_ALT_NET))
     return Topology(nodes, tuple(links))
 
 

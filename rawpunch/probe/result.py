@@ -8,7 +8,7 @@ test could not decide.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 UNKNOWN = "unknown"
@@ -38,3 +38,9 @@ class NatBehaviour:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NatBehaviour:
+        """The inverse of ``to_json``; unknown keys (a newer rawpunch's) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

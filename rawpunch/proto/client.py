@@ -23,7 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rawpunch.proto import codec
-from rawpunch.proto.codec import Attr, Endpoint, ErrorCode, Message, MessageType, ResultInfo, TcpMapping
+from rawpunch.proto.codec import (
+    Attr,
+    Endpoint,
+    ErrorCode,
+    Message,
+    MessageType,
+    ProbeKind,
+    Reaction,
+    ResultInfo,
+    TcpMapping,
+)
 from rawpunch.proto.errors import (
     AuthenticationError,
     LocalProtocolError,
@@ -42,6 +52,7 @@ class ClientState(enum.Enum):
     IDLE = "idle"
     REGISTERING = "registering"
     REGISTERED = "registered"
+    PROBING = "probing"
     EXCHANGING = "exchanging"
     PAIRED = "paired"
     READYING = "readying"
@@ -71,6 +82,8 @@ class PeerFound:
 class Go:
     delay: float
     """Seconds to wait after receiving GO so that both peers fire together."""
+    attempt: int = 0
+    """The attempt of the strategy cascade this GO is for."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +92,24 @@ class ResultAcknowledged:
 
 
 @dataclass(frozen=True)
+class ProbeAnswer:
+    """PROBE_ACK: the server did what a PROBE asked (its SYNs left before this answer)."""
+
+    kind: ProbeKind
+    budget: int
+    alt_address: Endpoint | None = None
+    probe_port: int | None = None
+    sources: tuple[Endpoint, ...] = ()
+    reaction: Reaction | None = None
+
+
+@dataclass(frozen=True)
 class Failed:
     reason: str
     code: ErrorCode | None = None
 
 
-Event = Registered | PeerFound | Go | ResultAcknowledged | Failed
+Event = Registered | PeerFound | Go | ResultAcknowledged | ProbeAnswer | Failed
 
 
 @dataclass
@@ -128,6 +153,7 @@ class ClientCore:
         self._outbox: list[bytes] = []
         self._events: deque[Event] = deque()
         self._discovery: dict[bytes, int] = {}
+        self._attempt = 0
 
     # --- user actions ---------------------------------------------------------------------------
 
@@ -142,14 +168,32 @@ class ClientCore:
         sealed = self.keys.seal(encode_peer_info(info), self.slot)
         self._start(self.state, ClientState.EXCHANGING, MessageType.INFO, ((Attr.SEALED, sealed),), now)
 
-    def ready(self, now: float) -> None:
-        attrs = ((Attr.RTT_MS, round(self.rtt * 1000)),) if self.rtt is not None else ()
-        self._start(ClientState.PAIRED, ClientState.READYING, MessageType.READY, attrs, now)
+    def ready(self, now: float, attempt: int = 0) -> None:
+        """Ready for ``attempt`` (0, 1, ... of a strategy cascade); again after each GO for the next one."""
+        if self.state not in (ClientState.PAIRED, ClientState.GO):
+            raise LocalProtocolError(f"ready() needs a paired client, state is {self.state.value}")
+        if not 0 <= attempt <= 0xFF:
+            raise LocalProtocolError(f"attempt {attempt} is not in 0..255")
+        rtt = ((Attr.RTT_MS, round(self.rtt * 1000)),) if self.rtt is not None else ()
+        attrs = (*rtt, (Attr.ATTEMPT, attempt)) if attempt else rtt
+        self._attempt = attempt
+        self._start(self.state, ClientState.READYING, MessageType.READY, attrs, now)
 
     def report(self, result: ResultInfo, now: float) -> None:
         if self.state not in (ClientState.PAIRED, ClientState.GO):
             raise LocalProtocolError(f"report() needs a paired client, state is {self.state.value}")
         self._start(self.state, ClientState.REPORTING, MessageType.RESULT, ((Attr.RESULT, result),), now)
+
+    def probe(
+        self, kind: ProbeKind, now: float, local_port: int | None = None, target_port: int | None = None
+    ) -> None:
+        """Ask the server's NAT probe part for ``kind``; ProbeAnswer (or Failed, still registered) follows."""
+        attrs: list[tuple[Attr, codec.AttrValue]] = [(Attr.PROBE_KIND, int(kind))]
+        if local_port is not None:
+            attrs.append((Attr.LOCAL_PORT, local_port))
+        if target_port is not None:
+            attrs.append((Attr.TARGET_PORT, target_port))
+        self._start(ClientState.REGISTERED, ClientState.PROBING, MessageType.PROBE, tuple(attrs), now)
 
     def discovery_request(self, local_port: int) -> bytes:
         """A DISCOVER message to send over TCP from ``local_port`` to the server's TCP port."""
@@ -337,7 +381,31 @@ class ClientCore:
         self._finish(ClientState.PAIRED, found)
 
     def _on_go(self, msg: Message, now: float) -> None:
-        self._finish(ClientState.GO, Go(msg.get(Attr.DELAY_MS) / 1000))
+        attempt = msg.get(Attr.ATTEMPT) or 0
+        if attempt != self._attempt:
+            raise UnexpectedMessage(f"GO for attempt {attempt}, ready for attempt {self._attempt}")
+        self._finish(ClientState.GO, Go(msg.get(Attr.DELAY_MS) / 1000, attempt))
+
+    def _on_probe_ack(self, msg: Message, now: float) -> None:
+        reaction = msg.get(Attr.REACTION)
+        try:
+            answer = ProbeAnswer(
+                ProbeKind(msg.get(Attr.PROBE_KIND)),
+                msg.get(Attr.PROBE_BUDGET),
+                msg.get(Attr.ALT_ADDRESS),
+                msg.get(Attr.PROBE_PORT),
+                tuple(msg.get_all(Attr.PROBE_FROM)),
+                None if reaction is None else Reaction(reaction),
+            )
+        except ValueError as exc:
+            raise UnexpectedMessage(f"PROBE_ACK: {exc}") from None
+        self._finish(ClientState.REGISTERED, answer)
+
+    def _on_probe_error(self, msg: Message, now: float) -> None:
+        """A refused probe leaves the registration intact: the probe goes on with what it can."""
+        err: codec.ErrorInfo = msg.get(Attr.ERROR)
+        reason = f"{self.config.server} refused PROBE: {err.reason} (error {err.code.value} {err.code.name})"
+        self._finish(ClientState.REGISTERED, Failed(reason, err.code))
 
     def _on_result_ack(self, msg: Message, now: float) -> None:
         self._finish(ClientState.DONE, ResultAcknowledged())
@@ -358,6 +426,7 @@ _DIRECT_ANSWERS = frozenset(
         MessageType.REGISTERED,
         MessageType.PENDING,
         MessageType.RESULT_ACK,
+        MessageType.PROBE_ACK,
         MessageType.ERROR,
     }
 )
@@ -379,6 +448,9 @@ TRANSITIONS: dict[tuple[ClientState, MessageType], _Handler] = {
     (S.REPORTING, M.COOKIE): ClientCore._on_cookie,
     (S.REPORTING, M.RESULT_ACK): ClientCore._on_result_ack,
     (S.REPORTING, M.ERROR): ClientCore._on_error,
+    (S.PROBING, M.COOKIE): ClientCore._on_cookie,
+    (S.PROBING, M.PROBE_ACK): ClientCore._on_probe_ack,
+    (S.PROBING, M.ERROR): ClientCore._on_probe_error,
 }
 
 

@@ -66,6 +66,8 @@ class MessageType(enum.IntEnum):
     RESULT = 0x0B
     RESULT_ACK = 0x0C
     ERROR = 0x0D
+    PROBE = 0x0E
+    PROBE_ACK = 0x0F
 
 
 class Attr(enum.IntEnum):
@@ -84,6 +86,14 @@ class Attr(enum.IntEnum):
     PADDING = 0x000D
     SLOT = 0x000E
     LOCAL_PORT = 0x000F
+    PROBE_KIND = 0x0010
+    TARGET_PORT = 0x0011
+    ALT_ADDRESS = 0x0012
+    PROBE_PORT = 0x0013
+    PROBE_FROM = 0x0014
+    PROBE_BUDGET = 0x0015
+    REACTION = 0x0016
+    ATTEMPT = 0x0020  # apart from the probe's block: which attempt of a strategy cascade
 
 
 class ErrorCode(enum.IntEnum):
@@ -91,8 +101,27 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_PEER = 404  # not registered, or the session expired: register again
     SESSION_FULL = 409
     TOO_LARGE = 413
-    RATE_LIMITED = 429
+    RATE_LIMITED = 429  # also: the client's NAT probe budget is spent
+    NOT_SUPPORTED = 501  # the server has no NAT probe part (started without --alt-address)
     SERVER_FULL = 503
+
+
+class ProbeKind(enum.IntEnum):
+    """What a PROBE asks the server to do (the NAT behaviour probe, ``rawpunch.probe``)."""
+
+    HELLO = 0  # tell me your probe endpoints and my budget
+    FILTER = 1  # SYNs to my mapping of LOCAL_PORT: from the other port and from the other address
+    UNSOLICITED = 2  # a SYN from your probe port to my address, TARGET_PORT (no mapping there)
+    SIMOPEN = 3  # a SYN to my mapping of LOCAL_PORT from the other port of the address it talked to
+    REACTION = 4  # what came back to you after UNSOLICITED
+
+
+class Reaction(enum.IntEnum):
+    """What the server captured in answer to its unsolicited SYN (RFC 5382 section 7.1)."""
+
+    NONE = 0
+    RST = 1
+    ICMP = 2
 
 
 class ResultCode(enum.IntEnum):
@@ -272,6 +301,13 @@ class AttributeSpec:
 
 COOKIE_LEN = 24
 TOKEN_LEN = 16
+
+
+def _names(values: type[enum.IntEnum]) -> str:
+    """``0 NAME, 1 OTHER, ...``: an enum's wire values for the generated docs."""
+    return ", ".join(f"{int(v)} {v.name}" for v in values)
+
+
 _u8, _u16, _u32 = _uint(1), _uint(2), _uint(4)
 
 ATTRIBUTES: dict[Attr, AttributeSpec] = {
@@ -339,10 +375,42 @@ ATTRIBUTES: dict[Attr, AttributeSpec] = {
         AttributeSpec(Attr.PADDING, *_bytes(), "makes a request at least as large as its answer", "zeros"),
         AttributeSpec(Attr.SLOT, *_u8, "the peer's slot in its session, 0 or 1", "slot (1)"),
         AttributeSpec(Attr.LOCAL_PORT, *_u16, "the client's local TCP port being discovered", "port (2)"),
+        AttributeSpec(
+            Attr.ATTEMPT,
+            *_u8,
+            "which attempt of the strategy cascade READY/GO is for (absent: 0); GO echoes it",
+            "attempt (1)",
+        ),
+        # The NAT probe (rawpunch.probe; PROBE / PROBE_ACK).
+        AttributeSpec(Attr.PROBE_KIND, *_u8, f"what a PROBE asks for: {_names(ProbeKind)}", "kind (1)"),
+        AttributeSpec(
+            Attr.TARGET_PORT, *_u16, "port of the client's own address for the unsolicited SYN", "port (2)"
+        ),
+        AttributeSpec(
+            Attr.ALT_ADDRESS,
+            pack_endpoint,
+            unpack_endpoint,
+            "the server's second address, with its TCP discovery port",
+            "endpoint",
+        ),
+        AttributeSpec(
+            Attr.PROBE_PORT, *_u16, "the server's second TCP port (both addresses listen on it)", "port (2)"
+        ),
+        AttributeSpec(
+            Attr.PROBE_FROM,
+            pack_endpoint,
+            unpack_endpoint,
+            "source of a SYN the server just sent toward the client (repeatable)",
+            "endpoint",
+        ),
+        AttributeSpec(Attr.PROBE_BUDGET, *_u8, "crafted SYNs the client may still ask for", "count (1)"),
+        AttributeSpec(
+            Attr.REACTION, *_u8, f"what answered the unsolicited SYN: {_names(Reaction)}", "reaction (1)"
+        ),
     )
 }
 
-REPEATABLE = frozenset({Attr.PEER_TCP, Attr.MAPPED_TCP})
+REPEATABLE = frozenset({Attr.PEER_TCP, Attr.MAPPED_TCP, Attr.PROBE_FROM})
 
 
 @dataclass(frozen=True)
@@ -398,11 +466,31 @@ MESSAGES: dict[MessageType, MessageSpec] = {
             {A.PEER_TCP},
             "the peer: server-observed endpoints and its sealed info",
         ),
-        _spec(MessageType.READY, True, {A.COOKIE}, {A.RTT_MS}, "ready to punch; answer GO when both are"),
-        _spec(MessageType.GO, False, {A.DELAY_MS}, set(), "punch DELAY_MS after this arrives"),
+        _spec(
+            MessageType.READY,
+            True,
+            {A.COOKIE},
+            {A.RTT_MS, A.ATTEMPT},
+            "ready to punch (attempt N); answer GO when both are ready for the same attempt",
+        ),
+        _spec(MessageType.GO, False, {A.DELAY_MS}, {A.ATTEMPT}, "punch DELAY_MS after this arrives"),
         _spec(MessageType.RESULT, True, {A.COOKIE, A.RESULT}, set(), "report the outcome"),
         _spec(MessageType.RESULT_ACK, False, set(), set(), "the report arrived"),
         _spec(MessageType.ERROR, False, {A.ERROR}, {A.COOKIE}, "the request failed; the code says why"),
+        _spec(
+            MessageType.PROBE,
+            True,
+            {A.COOKIE, A.PROBE_KIND},
+            {A.LOCAL_PORT, A.TARGET_PORT},
+            "NAT probe: send crafted SYNs toward my observed endpoints (needs --alt-address)",
+        ),
+        _spec(
+            MessageType.PROBE_ACK,
+            False,
+            {A.PROBE_KIND, A.PROBE_BUDGET},
+            {A.ALT_ADDRESS, A.PROBE_PORT, A.PROBE_FROM, A.REACTION},
+            "done: the SYNs left before this answer (their sources), or what came back",
+        ),
     )
 }
 

@@ -3,7 +3,8 @@
 The plaintext is a TLV list (the same framing as control attributes, ``codec.iter_tlv``) read
 through one field table. The server relays it as an opaque ``SEALED`` attribute and cannot read
 or alter it (``keys.SessionKeys.seal``). Unknown fields of 0x8000 and up are skipped, so the punch
-can grow new capabilities without a protocol version bump.
+can grow new capabilities without a protocol version bump: the strategy fields (``punch_ports`` and
+the ``nat_*`` classification, read by ``rawpunch.strategy``) use such codes, so an older peer skips them.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class PeerInfo:
     timestamps: bool = False
     tcp_port: int | None = None  # the local port this peer will punch from
     local: tuple[Endpoint, ...] = ()  # private endpoints, for peers behind the same NAT
+    punch_ports: tuple[int, ...] = ()  # local ports with discovered public endpoints, one per cascade attempt
+    nat_mapping: str = "unknown"  # what this peer knows of its NAT (rawpunch.probe.result.NatBehaviour)
+    nat_filtering: str = "unknown"
+    nat_allocation: str = "unknown"
+    nat_delta: int | None = None  # sequential allocation: the step between consecutive public ports
+    strategy: str = ""  # the --strategy this peer runs; both must run the same cascade
 
 
 def _fixed(fmt: str) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
@@ -65,13 +72,44 @@ def _nonce_unpack(raw: bytes) -> bytes:
     return bytes(raw)
 
 
+def _text_unpack(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise MalformedMessage("peer info text is not UTF-8") from None
+
+
 def _flag_unpack(raw: bytes) -> bool:
     if raw not in (b"\x00", b"\x01"):
         raise MalformedMessage("peer info flag is neither 0 nor 1")
     return raw == b"\x01"
 
 
-_u8, _u16, _u32 = _fixed("!B"), _fixed("!H"), _fixed("!I")
+_u8, _u16, _u32, _i16 = _fixed("!B"), _fixed("!H"), _fixed("!I"), _fixed("!h")
+
+# NatBehaviour's words travel as one byte each; a code this version does not know reads as "unknown".
+BEHAVIOUR_WORDS: dict[str, tuple[str, ...]] = {
+    "mapping": ("unknown", "endpoint-independent", "address-dependent", "address-and-port-dependent"),
+    "allocation": ("unknown", "port-preserving", "sequential", "random"),
+}
+BEHAVIOUR_WORDS["filtering"] = BEHAVIOUR_WORDS["mapping"]
+
+
+def _word(kind: str) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+    words = BEHAVIOUR_WORDS[kind]
+
+    def pack(value: str) -> bytes:
+        if value not in words:
+            raise ValueError(f"NAT {kind} {value!r}: expected one of {', '.join(words)}")
+        return bytes([words.index(value)])
+
+    def unpack(raw: bytes) -> str:
+        code = _u8[1](raw)
+        return words[code] if code < len(words) else "unknown"
+
+    return pack, unpack
+
+
 _flag = (lambda v: bytes([int(v)]), _flag_unpack)
 _endpoint = (lambda v: pack_endpoint(v, _NO_PAD), lambda raw: unpack_endpoint(raw, _NO_PAD))
 
@@ -87,7 +125,14 @@ FIELDS: dict[str, tuple[int, Callable[[Any], bytes], Callable[[bytes], Any]]] = 
     "timestamps": (0x08, *_flag),
     "tcp_port": (0x09, *_u16),
     "local": (0x0A, *_endpoint),
+    "punch_ports": (0x8001, *_u16),
+    "nat_mapping": (0x8002, *_word("mapping")),
+    "nat_filtering": (0x8003, *_word("filtering")),
+    "nat_allocation": (0x8004, *_word("allocation")),
+    "nat_delta": (0x8005, *_i16),
+    "strategy": (0x8006, str.encode, _text_unpack),
 }
+REPEATED = frozenset({"local", "punch_ports"})
 _BY_CODE = {code: name for name, (code, _, _) in FIELDS.items()}
 _DEFAULTS = PeerInfo(nonce=b"\x00" * NONCE_LEN)
 
@@ -97,8 +142,8 @@ def encode_peer_info(info: PeerInfo) -> bytes:
     for f in fields(PeerInfo):
         code, pack, _ = FIELDS[f.name]
         value = getattr(info, f.name)
-        if f.name == "local":
-            out += [pack_tlv(code, pack(ep)) for ep in value]
+        if f.name in REPEATED:
+            out += [pack_tlv(code, pack(item)) for item in value]
         elif value is not None and (f.name == "nonce" or value != getattr(_DEFAULTS, f.name)):
             out.append(pack_tlv(code, pack(value)))
     return b"".join(out)
@@ -106,7 +151,7 @@ def encode_peer_info(info: PeerInfo) -> bytes:
 
 def decode_peer_info(data: bytes) -> PeerInfo:
     values: dict[str, Any] = {}
-    local: list[Endpoint] = []
+    repeated: dict[str, list[Any]] = {name: [] for name in REPEATED}
     for code, raw in iter_tlv(data):
         name = _BY_CODE.get(code)
         if name is None:
@@ -114,12 +159,13 @@ def decode_peer_info(data: bytes) -> PeerInfo:
                 raise MalformedMessage(f"unknown peer info field 0x{code:04x}")
             continue
         value = FIELDS[name][2](raw)
-        if name == "local":
-            local.append(value)
+        if name in REPEATED:
+            repeated[name].append(value)
         elif name in values:
             raise MalformedMessage(f"peer info field {name} repeated")
         else:
             values[name] = value
     if "nonce" not in values:
         raise MalformedMessage("peer info lacks its nonce")
-    return PeerInfo(local=tuple(local), **values)
+    values.update((name, tuple(items)) for name, items in repeated.items())
+    return PeerInfo(**values)

@@ -14,7 +14,8 @@ and READY (answered GO once both are ready). The first peer gets PENDING and kee
 the second arrives the server answers it and pushes the answer to the first peer's latest
 transaction id, so both learn at once. GO carries a per-peer delay, ``max(owd) - owd_i`` with
 ``owd = rtt / 2``, so both punches leave at the same moment (libp2p DCUtR's RTT/2 trick): no
-wall clocks, only measured round trips.
+wall clocks, only measured round trips. READY may be repeated with an ATTEMPT number (a strategy
+cascade, ``rawpunch.strategy``): each attempt gets its own GO, decided when both peers are ready for it.
 
 No reflection: the server only ever sends to the source address of an authenticated request,
 and the endpoints it tells a peer about are the ones it observed itself for the other peer of
@@ -22,6 +23,17 @@ the same session (never addresses a client claims).
 
 State is bounded: caps on sessions, on peers per source address and on TCP mappings per peer,
 idle expiry, a token bucket per source, and O(1) anti-replay state per peer (``replay``).
+
+The NAT probe's server part (``PROBE``, enabled by ``probe_addresses``)
+------------------------------------------------------------------------
+``rawpunch probe`` classifies the client's NAT (RFC 4787 / RFC 5382) with the server's help: the
+server listens for TCP on two addresses and two ports (the adapter), and on request sends crafted
+SYNs, which ``probes_to_send()`` hands to the adapter *before* the PROBE_ACK it answers with, so the
+client knows they left. The server is an amplifier of the most sensitive kind here (unsolicited SYNs
+from a well-known address), hence: only a registered peer with a valid cookie (its address is
+proven) may ask; FILTER and SIMOPEN SYNs go only to a public endpoint the server itself observed on
+its TCP listeners for that peer, UNSOLICITED only to the peer's own validated address; each peer may
+cause at most ``probe_budget`` SYNs, and all peers together at most ``probe_rate`` per second.
 """
 
 from __future__ import annotations
@@ -42,6 +54,8 @@ from rawpunch.proto.codec import (
     ErrorInfo,
     Message,
     MessageType,
+    ProbeKind,
+    Reaction,
     ResultInfo,
     TcpMapping,
 )
@@ -60,6 +74,7 @@ log = logging.getLogger("rawpunch.server")
 Addr = tuple[str, int]
 Outgoing = list[tuple[bytes, Addr]]
 MAX_RTT = 5.0  # seconds; a reported RTT above this is clamped
+PROBE_SOURCE_RATE, PROBE_SOURCE_BURST = 1.0, 32.0  # probe SYNs per second, and at once, per client address
 
 
 @dataclass
@@ -79,6 +94,32 @@ class ServerConfig:
     burst_per_source: float = 400.0
     max_rate_sources: int = 16_384
     sweep_interval: float = 1.0
+    probe_addresses: tuple[str, str] | None = None
+    """(main, alt) addresses of the server: enables the NAT probe's server part."""
+    probe_port: int | None = None
+    """The second TCP port, listened on at both addresses (probe part only)."""
+    probe_budget: int = 16
+    """Crafted SYNs one peer may cause, in all."""
+    probe_rate: float = 20.0
+    """Crafted SYNs per second for all peers together (token bucket, burst twice that)."""
+
+
+@dataclass(frozen=True)
+class CraftedSyn:
+    """A SYN the adapter must send (raw socket) before the datagrams of the same call."""
+
+    src: Endpoint
+    dst: Endpoint
+
+
+@dataclass
+class ProbeState:
+    """One peer's NAT-probe state: which listener saw each mapping, SYNs spent, the unsolicited reaction."""
+
+    via: dict[int, Endpoint] = field(default_factory=dict)
+    spent: int = 0
+    unsolicited: tuple[Endpoint, Endpoint] | None = None
+    reaction: Reaction = Reaction.NONE
 
 
 class Peer:
@@ -86,6 +127,7 @@ class Peer:
         "addr",
         "instance",
         "last_seen",
+        "probe",
         "ready",
         "replay",
         "result",
@@ -109,12 +151,13 @@ class Peer:
         self.sealed: bytes | None = None
         # The latest long poll awaiting a push: its type (INFO or READY) and transaction id.
         self.waiting: tuple[MessageType, bytes] | None = None
-        self.ready = False
+        self.ready: int | None = None  # the cascade attempt this peer is ready for
         self.result: ResultInfo | None = None
+        self.probe = ProbeState()
 
 
 class Session:
-    __slots__ = ("created", "fire_at", "key", "peers", "sid")
+    __slots__ = ("created", "fire_at", "go_attempt", "key", "peers", "sid")
 
     def __init__(self, sid: bytes, now: float) -> None:
         self.sid = sid
@@ -122,6 +165,7 @@ class Session:
         self.peers: list[Peer | None] = [None, None]
         self.created = now
         self.fire_at: float | None = None  # when both punches should leave, once GO was decided
+        self.go_attempt: int | None = None  # the attempt fire_at belongs to
 
     def other(self, peer: Peer) -> Peer | None:
         return self.peers[1 - peer.slot]
@@ -139,6 +183,11 @@ class ServerCore:
         self.stats: Counter[str] = Counter()
         self._tokens: dict[bytes, tuple[Session, Peer]] = {}
         self._next_sweep = now + config.sweep_interval
+        self._syns: list[CraftedSyn] = []
+        self._syn_bucket = [2 * config.probe_rate, now]
+        self._syn_buckets: dict[str, list[float]] = {}  # per source address: re-registering buys nothing
+        # (our SYN's source, its destination) -> the peer whose unsolicited SYN it was
+        self._unsolicited: dict[tuple[Endpoint, Endpoint], Peer] = {}
 
     # --- entry points ---------------------------------------------------------------------------
 
@@ -155,11 +204,12 @@ class ServerCore:
             log.debug("drop %d bytes from %s: %s", len(data), _fmt(addr), exc)
             return []
 
-    def receive_discovery(self, data: bytes, addr: Addr, now: float) -> bytes:
+    def receive_discovery(self, data: bytes, addr: Addr, now: float, via: Addr | None = None) -> bytes:
         """One DISCOVER message that arrived over TCP from ``addr``; returns the DISCOVERED reply.
 
         The TCP handshake already proved the address, so no cookie is needed. Raises a
         ``RemoteProtocolError`` for anything unacceptable; the adapter then closes the connection.
+        ``via`` is the server endpoint the connection reached (the probe's listeners).
         """
         msg, session = self._authenticate(data)
         if msg.type is not MessageType.DISCOVER:
@@ -174,6 +224,8 @@ class ServerCore:
         if local_port not in peer.tcp and len(peer.tcp) >= self.config.max_tcp_mappings:
             raise UnexpectedMessage(f"peer already has {self.config.max_tcp_mappings} TCP mappings")
         peer.tcp[local_port] = public
+        if via is not None:
+            peer.probe.via[local_port] = Endpoint(*via)
         peer.last_seen = now
         log.info(
             "tcp endpoint session=%s slot=%d local port %d -> %s",
@@ -185,6 +237,17 @@ class ServerCore:
         return self._reply(
             session, msg, MessageType.DISCOVERED, ((Attr.MAPPED_TCP, TcpMapping(local_port, public)),)
         )
+
+    def probes_to_send(self) -> list[CraftedSyn]:
+        """The crafted SYNs decided since the last call; send them before that call's datagrams."""
+        out, self._syns = self._syns, []
+        return out
+
+    def receive_reaction(self, ours: Addr, theirs: Addr, reaction: Reaction) -> None:
+        """A RST from ``theirs`` to ``ours``, or an ICMP error quoting our SYN ``ours`` -> ``theirs``."""
+        peer = self._unsolicited.get((Endpoint(*ours), Endpoint(*theirs)))
+        if peer is not None and peer.probe.reaction is Reaction.NONE:
+            peer.probe.reaction = reaction
 
     def get_timer(self) -> float:
         return self._next_sweep
@@ -379,7 +442,7 @@ class ServerCore:
 
     def _remove_peer(self, session: Session, peer: Peer) -> None:
         session.peers[peer.slot] = None
-        session.fire_at = None
+        session.fire_at = session.go_attempt = None
         self._tokens.pop(peer.token, None)
         self.peers_per_source[peer.addr[0]] -= 1
         if self.peers_per_source[peer.addr[0]] <= 0:
@@ -402,27 +465,30 @@ class ServerCore:
     def _ready(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
         if msg.get(Attr.RTT_MS) is not None:  # bounded: a peer must not stall the other's GO
             peer.rtt = min(msg.get(Attr.RTT_MS) / 1000, MAX_RTT)
-        peer.ready = True
+        # Each attempt of a strategy cascade is synchronised afresh: GO when both are ready for the same one.
+        attempt = msg.get(Attr.ATTEMPT) or 0
+        if session.go_attempt == attempt:  # decided already: a repeat whose GO was lost (the other may be on)
+            return [
+                (self._reply(session, msg, MessageType.GO, self._go_attrs(session, peer, now)), peer.addr)
+            ]
+        peer.ready = attempt
         other = session.other(peer)
-        if other is None or not other.ready:
+        if other is None or other.ready != attempt:
             peer.waiting = (MessageType.READY, msg.transaction_id)
             return [(self._reply(session, msg, MessageType.PENDING, ()), peer.addr)]
-        out = []
-        if session.fire_at is None:
-            session.fire_at = now + max(peer.rtt, other.rtt) / 2
-            log.info(
-                "go session=%s: one-way delays %.1f / %.1f ms", _sid(session), peer.rtt * 500, other.rtt * 500
-            )
-            if _polls(other, MessageType.READY):
-                out.append(
-                    (
-                        self._push(session, other, MessageType.GO, self._go_attrs(session, other, now)),
-                        other.addr,
-                    )
-                )
-        out.insert(
-            0, (self._reply(session, msg, MessageType.GO, self._go_attrs(session, peer, now)), peer.addr)
+        session.fire_at, session.go_attempt = now + max(peer.rtt, other.rtt) / 2, attempt
+        log.info(
+            "go session=%s attempt=%d: one-way delays %.1f / %.1f ms",
+            _sid(session),
+            attempt,
+            peer.rtt * 500,
+            other.rtt * 500,
         )
+        out = [(self._reply(session, msg, MessageType.GO, self._go_attrs(session, peer, now)), peer.addr)]
+        if _polls(other, MessageType.READY):
+            out.append(
+                (self._push(session, other, MessageType.GO, self._go_attrs(session, other, now)), other.addr)
+            )
         return out
 
     def _result(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
@@ -438,6 +504,79 @@ class ServerCore:
         )
         return [(self._reply(session, msg, MessageType.RESULT_ACK, ()), peer.addr)]
 
+    def _probe(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
+        addresses, port = self.config.probe_addresses, self.config.probe_port
+        if addresses is None or port is None:
+            reason = "this server has no NAT probe part (start it with --alt-address)"
+            return [(self._error(session, msg, ErrorCode.NOT_SUPPORTED, reason), peer.addr)]
+        try:
+            kind = ProbeKind(msg.get(Attr.PROBE_KIND))
+        except ValueError:  # a newer client's: say so rather than leave it to time out
+            reason = f"unknown probe kind {msg.get(Attr.PROBE_KIND)}; this server knows {_kinds()}"
+            return [(self._error(session, msg, ErrorCode.BAD_REQUEST, reason), peer.addr)]
+        try:
+            attrs = self._probe_kind(kind, peer, msg, addresses, port, now)
+        except _ProbeRefused as exc:
+            return [(self._error(session, msg, exc.code, str(exc)), peer.addr)]
+        budget = max(0, self.config.probe_budget - peer.probe.spent)
+        head = ((Attr.PROBE_KIND, int(kind)), (Attr.PROBE_BUDGET, min(budget, 255)))
+        return [(self._reply(session, msg, MessageType.PROBE_ACK, (*head, *attrs)), peer.addr)]
+
+    def _probe_kind(
+        self, kind: ProbeKind, peer: Peer, msg: Message, addresses: tuple[str, str], port: int, now: float
+    ) -> tuple[tuple[Attr, codec.AttrValue], ...]:
+        main, alt = addresses
+        if kind is ProbeKind.HELLO:
+            return ((Attr.ALT_ADDRESS, Endpoint(alt, self.config.tcp_port)), (Attr.PROBE_PORT, port))
+        if kind is ProbeKind.REACTION:
+            return ((Attr.REACTION, int(peer.probe.reaction)),)
+        if kind is ProbeKind.UNSOLICITED:
+            target = msg.get(Attr.TARGET_PORT)
+            if not target:
+                raise _ProbeRefused(ErrorCode.BAD_REQUEST, "UNSOLICITED needs a TARGET_PORT")
+            syn = CraftedSyn(Endpoint(main, port), Endpoint(peer.addr[0], target))
+            self._spend(peer, [syn], now)
+            if peer.probe.unsolicited is not None:
+                self._unsolicited.pop(peer.probe.unsolicited, None)
+            peer.probe.unsolicited, peer.probe.reaction = (syn.src, syn.dst), Reaction.NONE
+            self._unsolicited[(syn.src, syn.dst)] = peer
+            return ((Attr.PROBE_FROM, syn.src),)
+        local_port = msg.get(Attr.LOCAL_PORT)
+        public, via = peer.tcp.get(local_port), peer.probe.via.get(local_port)
+        if public is None or via is None:
+            raise _ProbeRefused(
+                ErrorCode.BAD_REQUEST,
+                f"no mapping of local port {local_port} seen on a probe listener: discover it there first",
+            )
+        other_port = Endpoint(via.host, port if via.port != port else self.config.tcp_port)
+        sources = [other_port]
+        if kind is ProbeKind.FILTER:
+            sources.append(Endpoint(alt if via.host == main else main, via.port))
+        syns = [CraftedSyn(src, public) for src in sources]
+        self._spend(peer, syns, now)
+        return tuple((Attr.PROBE_FROM, syn.src) for syn in syns)
+
+    def _spend(self, peer: Peer, syns: list[CraftedSyn], now: float) -> None:
+        """Queue *syns* if the peer's budget, its address's SYN rate and the server's all allow them."""
+        if peer.probe.spent + len(syns) > self.config.probe_budget:
+            raise _ProbeRefused(
+                ErrorCode.RATE_LIMITED,
+                f"probe budget spent ({self.config.probe_budget} SYNs per client): register anew later",
+            )
+        rate, source = self.config.probe_rate, peer.addr[0]
+        if len(self._syn_buckets) >= self.config.max_rate_sources and source not in self._syn_buckets:
+            del self._syn_buckets[next(iter(self._syn_buckets))]  # oldest first
+        per_source = self._syn_buckets.setdefault(source, [PROBE_SOURCE_BURST, now])
+        if not _fits(per_source, len(syns), PROBE_SOURCE_RATE, PROBE_SOURCE_BURST, now):
+            raise _ProbeRefused(ErrorCode.RATE_LIMITED, "too many probe SYNs for your address; retry later")
+        if not _fits(self._syn_bucket, len(syns), rate, 2 * rate, now):
+            raise _ProbeRefused(ErrorCode.RATE_LIMITED, "server is at its probe SYN rate; retry in a second")
+        _fits(per_source, len(syns), PROBE_SOURCE_RATE, PROBE_SOURCE_BURST, now, take=True)
+        _fits(self._syn_bucket, len(syns), rate, 2 * rate, now, take=True)
+        peer.probe.spent += len(syns)
+        self.stats["probe_syns"] += len(syns)
+        self._syns += syns
+
     # --- building replies ------------------------------------------------------------------------
 
     def _peer_attrs(self, of: Peer) -> tuple[tuple[Attr, codec.AttrValue], ...]:
@@ -451,7 +590,8 @@ class ServerCore:
     def _go_attrs(self, session: Session, peer: Peer, now: float) -> tuple[tuple[Attr, codec.AttrValue], ...]:
         assert session.fire_at is not None
         delay = max(0.0, session.fire_at - now - peer.rtt / 2)
-        return ((Attr.DELAY_MS, round(delay * 1000)),)
+        attempt = ((Attr.ATTEMPT, session.go_attempt),) if session.go_attempt else ()
+        return ((Attr.DELAY_MS, round(delay * 1000)), *attempt)
 
     def _push(
         self, session: Session, to: Peer, mtype: MessageType, attrs: tuple[tuple[Attr, codec.AttrValue], ...]
@@ -481,10 +621,29 @@ class ServerCore:
         return self._reply_key(key, msg, MessageType.ERROR, ((Attr.ERROR, ErrorInfo(code, reason)),))
 
 
+def _kinds() -> str:
+    return ", ".join(f"{int(k)} {k.name}" for k in ProbeKind)
+
+
+def _fits(bucket: list[float], n: int, rate: float, burst: float, now: float, take: bool = False) -> bool:
+    """Token bucket ``[tokens, last]``: are *n* tokens there (and, with *take*, take them)?"""
+    tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
+    if take:
+        bucket[0], bucket[1] = tokens - n, now
+    return tokens >= n
+
+
+class _ProbeRefused(Exception):
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
 _HANDLERS = {
     MessageType.INFO: ServerCore._info,
     MessageType.READY: ServerCore._ready,
     MessageType.RESULT: ServerCore._result,
+    MessageType.PROBE: ServerCore._probe,
 }
 
 
@@ -501,4 +660,4 @@ def _fmt(addr: Addr) -> str:
     return str(Endpoint(*addr))
 
 
-__all__ = ["AuthenticationError", "ServerConfig", "ServerCore"]
+__all__ = ["AuthenticationError", "CraftedSyn", "ServerConfig", "ServerCore"]

@@ -121,6 +121,9 @@ class PunchFlow:
     crafted_rst_ttl: int | None = None
     """RSTs with at most this TTL pass: the engine's own low-TTL "reopen" RSTs, which expire in the
     core and never reach the peer. The kernel's RSTs leave with the default TTL (64) and are dropped."""
+    kernel_sockets: bool = False
+    """The kernel's own sockets make the handshake (``rawpunch.strategy.kernel``): no capture and no RST drop,
+    only the time-exceeded drop, for ICMP about TCP from the local port to any port of the peer's host."""
 
     def __post_init__(self) -> None:
         for what, port in (("local port", self.local_port), ("peer port", self.peer.port)):
@@ -190,6 +193,8 @@ def icmp_u32(flow: PunchFlow) -> str:
         f"0>>22&0x3C@24={_hex32(peer)}",  # embedded destination: the peer
         f"0>>22&0x3C@8>>22&0x3C@8={_hex32(ports)}",  # embedded ports: local -> peer
     ]
+    if flow.kernel_sockets:  # any port of the peer's host: only the local port is compared
+        tests[2] = f"0>>22&0x3C@8>>22&0x3C@8>>16=0x{flow.local_port:X}"
     if flow.local_host:
         tests.append(f"0>>22&0x3C@20={_hex32(int(IPv4Address(flow.local_host)))}")
     return "&&".join(tests)
@@ -236,14 +241,20 @@ def hook_rules(run_id: str) -> list[str]:
 def render_apply(run_id: str, flow: PunchFlow) -> str:
     """``iptables-restore --noflush`` input that creates, fills and hooks the run's chains in one commit."""
     in_chain, out_chain = chain_names(run_id)
+    if flow.kernel_sockets:
+        rules = [icmp_drop_rule(run_id, flow)]
+    else:
+        rules = [
+            *icmp_capture_rules(run_id, flow),
+            icmp_drop_rule(run_id, flow),
+            capture_rule(run_id, flow),
+            rst_rule(run_id, flow),
+        ]
     lines = [
         "*filter",
         f":{in_chain} - [0:0]",
         f":{out_chain} - [0:0]",
-        *icmp_capture_rules(run_id, flow),
-        icmp_drop_rule(run_id, flow),
-        capture_rule(run_id, flow),
-        rst_rule(run_id, flow),
+        *rules,
         *hook_rules(run_id),
         "COMMIT",
     ]

@@ -1,8 +1,11 @@
-"""One punch from start to finish: rendezvous, crafted handshake, splice, peer authentication.
+"""One punch from start to finish: rendezvous, strategy attempts, and the crafted handshake's adapter.
 
-This is the asyncio adapter that wires the sans-IO pieces to the kernel::
+``punch()`` meets the peer (register, TCP endpoint discovery of a few local ports, sealed info) and then runs
+the strategy cascade (``rawpunch.strategy.runner``; one attempt per strategy, each from its own GO). The
+``crafted-handshake`` attempt (``punch_and_splice``) is the asyncio adapter that wires the sans-IO engine to
+the kernel::
 
-    rendezvous (UDP)        register -> TCP endpoint discovery of local port P -> sealed info -> GO
+    rendezvous (UDP)        READY(attempt) -> GO; the peer's public endpoint of its port for this attempt
     SegmentQueue (NFQUEUE)  inbound segments of (P, peer) -> PunchEngine; the kernel never sees them
     FirewallGuard           capture rule, OUTPUT RST drop, ICMP rules, in its own chain
     RawSender               the engine's crafted segments, each with its own TTL
@@ -36,12 +39,11 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from rawpunch.proto.client import Go, PeerFound
+from rawpunch.proto.client import Go
 from rawpunch.proto.codec import Endpoint, ResultCode, ResultInfo
 from rawpunch.proto.keys import SessionKeys
-from rawpunch.proto.peerinfo import Capability, PeerInfo
 from rawpunch.punch.engine import (
     Connected,
     Failed,
@@ -50,7 +52,6 @@ from rawpunch.punch.engine import (
     PunchEngine,
     PunchState,
     event_record,
-    options_from_peer_info,
 )
 from rawpunch.punch.firewall import FirewallGuard, PunchFlow
 from rawpunch.punch.pathprobe import choose_priming_ttl
@@ -59,12 +60,17 @@ from rawpunch.punch.segment import Segment, TcpOptions
 from rawpunch.punch.splice import kernel_wscale, splice
 from rawpunch.rendezvous.client import RendezvousClient
 
+if TYPE_CHECKING:
+    from rawpunch.strategy.base import AttemptContext
+
 log = logging.getLogger("rawpunch.punch")
 
-STRATEGY = "crafted-handshake"
 CHALLENGE_LEN = 32
+_GAVE_UP = (
+    "no strategy connected within {:g} s: the last attempt or its GO never ended (the peer gave up, or the "
+    "rendezvous became unreachable)"
+)
 EventSink = Callable[[dict[str, Any]], None]
-T = TypeVar("T")
 
 
 class PunchError(Exception):
@@ -80,7 +86,11 @@ class PunchSettings:
     priming_ttl: int | None = None
     """TTL of the priming SYN; None: chosen from the path (``--ttl`` overrides)."""
     deadline: float = 10.0
-    """Seconds from GO for the handshake."""
+    """Seconds for the punch once the peer was found: all attempts of the strategy cascade together."""
+    strategy: str = "auto"
+    """A name of ``rawpunch.strategy.STRATEGY_NAMES``; ``auto`` chooses a cascade from both NATs."""
+    syn_budget: int = 1000
+    """SYNs of a birthday attempt, both sides together: success ~ 1 - exp(-(budget/2)^2 / 64512)."""
     peer_timeout: float = 60.0
     authenticate: bool = True
     pcap: str | None = None
@@ -112,7 +122,15 @@ class _Clock:
 
 
 async def punch(settings: PunchSettings) -> PunchResult:
-    """Meet the peer at the rendezvous and return a connected, authenticated TCP socket to it."""
+    """Meet the peer at the rendezvous and return a connected, authenticated TCP socket to it.
+
+    The strategy (``settings.strategy``; ``auto``: a cascade chosen from both NATs) runs in attempts, each
+    from its own GO (``rawpunch.strategy.runner``).
+    """
+    from rawpunch.strategy import classify, runner  # noqa: PLC0415 - the strategies import this module
+    from rawpunch.strategy.base import AttemptFailed  # noqa: PLC0415
+
+    strategy = runner.check_strategy(settings.strategy)  # before anything goes out: a typo fails at once
     emit = settings.on_event or (lambda record: None)
     clock = _Clock()
     keys = (
@@ -121,27 +139,20 @@ async def punch(settings: PunchSettings) -> PunchResult:
     async with RendezvousClient(settings.server, keys, peer_timeout=settings.peer_timeout) as client:
         reg = await client.register()
         emit({"event": "registered", "slot": reg.slot, "udp": str(reg.udp), "ms": clock.phase("register")})
-        mapping = await client.discover_tcp(settings.local_port)
-        local = Endpoint(client.local_address.host, mapping.local_port)
+        mappings = await runner.discover(client, settings.local_port, emit)
+        cached = classify.cached_behaviour()
+        known = classify.merge(cached, classify.classify_discoveries(mappings))
         emit(
             {
-                "event": "tcp_endpoint",
-                "local": str(local),
-                "public": str(mapping.public),
+                "event": "own_nat",
+                "from_probe": cached is not None,
+                **known.to_json(),
                 "ms": clock.phase("discover"),
             }
         )
         own = _own_options()
         isn = int.from_bytes(os.urandom(4), "big")
-        info = PeerInfo(
-            capabilities=Capability.CRAFTED_HANDSHAKE,
-            isn=isn,
-            mss=own.mss,
-            wscale=own.wscale,
-            sack=own.sack_permitted,
-            timestamps=own.timestamp is not None,
-            tcp_port=local.port,
-        )
+        info = runner.own_info(mappings, own, isn, known, strategy)
         path = asyncio.create_task(_priming_ttl(settings))  # traceroute while the peer comes
         try:
             found = await client.exchange(info)
@@ -149,13 +160,17 @@ async def punch(settings: PunchSettings) -> PunchResult:
         finally:
             path.cancel()
         paired_at = time.monotonic()
-        peer = _peer_endpoint(found)
+        try:
+            me, peer = runner.views(reg.slot, info, mappings, found)
+        except AttemptFailed as exc:
+            raise PunchError(str(exc)) from None
         emit(
             {
                 "event": "peer",
                 "slot": found.slot,
                 "udp": str(found.udp),
-                "tcp": str(peer),
+                "tcp": str(peer.public[runner.attempt_port(peer, 0)]),
+                "nat": classify.info_fields(peer.behaviour),
                 "ms": clock.phase("exchange"),
             }
         )
@@ -166,48 +181,57 @@ async def punch(settings: PunchSettings) -> PunchResult:
                 "chosen_by": "--ttl" if settings.priming_ttl else "path probe",
             }
         )
-        syn_delay = min(0.05, max(0.005, (client.core.rtt or 0.2) / 4))
-        config = PunchConfig(
-            local=local,
-            peer=peer,
-            isn=isn,
-            peer_isn=_required(found.info.isn, "ISN"),
-            options=own,
-            peer_options=options_from_peer_info(found.info),
-            priming_ttl=ttl,
-            slot=reg.slot,
-            deadline=settings.deadline,
-            syn_delay=syn_delay,
-            rtt=client.core.rtt,
-        )
         try:
-            with _Capture(settings.pcap, local.port):
-                sock = await _punch_and_splice(client, config, keys, emit, clock)
-        except PunchError as exc:
+            names = runner.plan_cascade(strategy, me, peer)
+        except AttemptFailed as exc:
             await _report(client, ResultCode.FAILED, paired_at, str(exc))
-            raise
-        clock.phase("firewall_removal")  # after the socket was usable: not part of elapsed_ms
+            raise PunchError(str(exc)) from None
+        emit({"event": "cascade", "requested": strategy, "strategies": list(names)})
+        common = {
+            "options": own,
+            "isn": isn,
+            "priming_ttl": ttl,
+            "pcap": settings.pcap,
+            "syn_budget": settings.syn_budget,
+        }
+        try:
+            # The GOs are rendezvous round trips: a peer that gave up must not keep us waiting for its READY.
+            async with asyncio.timeout(settings.deadline + runner.GO_SLACK):
+                sock, ctx = await runner.run_cascade(
+                    client, keys, me, peer, names, common, settings.deadline, emit
+                )
+        except (AttemptFailed, TimeoutError) as exc:
+            why = str(exc) if isinstance(exc, AttemptFailed) else _GAVE_UP.format(settings.deadline)
+            await _report(client, ResultCode.FAILED, paired_at, why)
+            raise PunchError(why) from None
+        clock.usable_at = time.monotonic()
+        clock.phase("attempts")
+        del clock.marks["attempts"]
+        clock.marks.update(ctx.timings)
+        clock.marks["earlier_attempts"] = round((ctx.started - paired_at) * 1000, 2)
         elapsed = (clock.usable_at - paired_at) * 1000
         clock.marks["total"] = round((time.monotonic() - clock.start) * 1000, 2)
+        name = names[ctx.attempt]
+        peer_seen = Endpoint(*sock.getpeername()[:2])  # a guessed or predicted port: not the discovered one
         emit(
             {
                 "event": "connected",
                 "elapsed_ms": round(elapsed, 2),
-                "strategy": STRATEGY,
-                "local": str(local),
-                "peer": str(peer),
+                "strategy": name,
+                "attempt": ctx.attempt,
+                "local": str(ctx.local),
+                "peer": str(peer_seen),
                 "priming_ttl": ttl,
                 "phases_ms": clock.marks,
             }
         )
-        await _report(client, ResultCode.CONNECTED, paired_at, STRATEGY)
-        return PunchResult(sock, local, peer, STRATEGY, clock.marks)
+        await _report(client, ResultCode.CONNECTED, paired_at, name)
+        return PunchResult(sock, ctx.local, peer_seen, name, clock.marks)
 
 
-async def _punch_and_splice(
-    client: RendezvousClient, config: PunchConfig, keys: SessionKeys, emit: EventSink, clock: _Clock
-) -> socket.socket:
-    driver = _EngineDriver(PunchEngine(config), emit)
+async def punch_and_splice(ctx: AttemptContext, config: PunchConfig) -> socket.socket:
+    """The crafted-handshake attempt: guard, GO, engine, splice, peer authentication."""
+    driver = _EngineDriver(PunchEngine(config), ctx.emit)
     flow = PunchFlow(
         config.local.port,
         config.peer,
@@ -216,30 +240,42 @@ async def _punch_and_splice(
         crafted_rst_ttl=config.priming_ttl,
     )
     guard = FirewallGuard(flow)
+    mark = _Marks(ctx.timings)
     try:
         driver.queue.attach(asyncio.get_running_loop())
-        go = await _ready_with_guard(client, guard)
-        emit({"event": "go", "delay_ms": round(go.delay * 1000, 2)})
+        await _ready_with_guard(ctx, guard)
         connected = await driver.run()
-        clock.phase("punch")
+        mark("punch")
         sock = _splice(connected)
         # Our socket exists: let the flow's segments reach it. Switching the queue's verdict costs
         # nothing, where removing the capture rule would cost an iptables-restore on this path.
         driver.queue.pass_through = True
-        clock.phase("splice")
+        mark("splice")
         # Our challenge must not reach the peer before its socket exists, or its queue eats it and
         # only our kernel's retransmission (>= 200 ms later) gets through.
-        await driver.wait_peer_spliced(timeout=max(1.0, 4 * (client.core.rtt or 0.25)))
-        await _authenticate(sock, keys, client.core.slot or 0)
-        clock.phase("authenticate")
-        clock.usable_at = time.monotonic()
+        await driver.wait_peer_spliced(timeout=max(1.0, 4 * (ctx.client.core.rtt or 0.25)))
+        # Within the attempt's budget: the peer may have given up and moved on to the next attempt's GO.
+        await _authenticate(sock, ctx.keys, ctx.slot, timeout=ctx.remaining())
+        mark("authenticate")
         return sock
     finally:
         guard.remove()  # whatever apply_async got to install; idempotent
         driver.close()
 
 
-async def _ready_with_guard(client: RendezvousClient, guard: FirewallGuard) -> Go:
+class _Marks:
+    """Milliseconds since the previous mark, into ``into``."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into, self.last = into, time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.into[name] = round((now - self.last) * 1000, 2)
+        self.last = now
+
+
+async def _ready_with_guard(ctx: AttemptContext, guard: FirewallGuard) -> Go:
     """READY/GO while the rules go in: iptables-restore (~5 ms) overlaps the wait for GO.
 
     Nothing can reach the punch port before GO: the peer's SYN cannot pass our NAT until our
@@ -247,7 +283,7 @@ async def _ready_with_guard(client: RendezvousClient, guard: FirewallGuard) -> G
     """
     applying = asyncio.create_task(guard.apply_async())
     try:
-        go = await client.ready()
+        go = await ctx.go()
     except BaseException:
         with contextlib.suppress(Exception):
             await applying  # let it finish, so the guard's __exit__ removes what it installed
@@ -376,7 +412,7 @@ async def _authenticate(sock: socket.socket, keys: SessionKeys, slot: int, timeo
             proof = await _recv_exactly(loop, sock, hashlib.sha256().digest_size)
     except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
         sock.close()
-        why = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+        why = f"no answer within {timeout:.3g} s" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
         raise PunchError(f"peer authentication on the punched connection failed: {why}") from None
     if not hmac.compare_digest(proof, keys.prove(mine, struct.pack("!B", 1 - slot))):
         sock.close()
@@ -414,23 +450,6 @@ async def _priming_ttl(settings: PunchSettings) -> int:
 def _own_options() -> TcpOptions:
     tsval = int.from_bytes(os.urandom(4), "big") & ~1  # even: bit 0 would switch the kernel to usec TSvals
     return TcpOptions(mss=1460, wscale=kernel_wscale(), sack_permitted=True, timestamp=(tsval, 0))
-
-
-def _peer_endpoint(found: PeerFound) -> Endpoint:
-    port = _required(found.info.tcp_port, "TCP port")
-    for m in found.tcp:
-        if m.local_port == port:
-            return m.public
-    raise PunchError(
-        f"the server has no public TCP endpoint for the peer's port {port}: the peer's TCP "
-        "endpoint discovery failed (is TCP to the server blocked on its side?)"
-    )
-
-
-def _required(value: T | None, what: str) -> T:
-    if value is None:
-        raise PunchError(f"the peer sent no {what}: is it running an older rawpunch?")
-    return value
 
 
 class _Capture:

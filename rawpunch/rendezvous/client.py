@@ -22,11 +22,12 @@ from rawpunch.proto.client import (
     Failed,
     Go,
     PeerFound,
+    ProbeAnswer,
     Registered,
     ResultAcknowledged,
     frame,
 )
-from rawpunch.proto.codec import Endpoint, ErrorCode, ResultInfo, TcpMapping
+from rawpunch.proto.codec import Endpoint, ErrorCode, ProbeKind, ResultInfo, TcpMapping
 from rawpunch.proto.errors import RemoteProtocolError
 from rawpunch.proto.keys import SessionKeys
 from rawpunch.proto.peerinfo import PeerInfo
@@ -111,12 +112,17 @@ class RendezvousClient:
         self.core.exchange(info, self._now())
         return await self._expect(PeerFound)
 
-    async def ready(self) -> Go:
-        """Tell the server we are ready; returns GO once both are, after sleeping its delay."""
-        self.core.ready(self._now())
+    async def ready(self, attempt: int = 0) -> Go:
+        """Ready for ``attempt``; returns GO once both peers are, after sleeping its delay."""
+        self.core.ready(self._now(), attempt)
         go = await self._expect(Go)
         await asyncio.sleep(go.delay)
         return go
+
+    async def probe(self, kind: ProbeKind, **args: int) -> ProbeAnswer:
+        """One request to the server's NAT probe part (``rawpunch.probe``); RendezvousError if refused."""
+        self.core.probe(kind, self._now(), **args)
+        return await self._expect(ProbeAnswer)
 
     async def report(self, result: ResultInfo) -> None:
         self.core.report(result, self._now())

@@ -175,6 +175,7 @@ def run_peer(name: str) -> None:
             Endpoint.parse(cmd["server"]),
             cmd["secret"],
             deadline=float(cmd.get("deadline", 10.0)),
+            strategy=str(cmd.get("strategy", "crafted-handshake")),  # these tests are the crafted handshake's
             peer_timeout=float(cmd.get("peer_timeout", 30.0)),
             on_event=on_event,
         )

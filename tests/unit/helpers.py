@@ -126,6 +126,14 @@ ATTRIBUTE_VALUES: dict[Attr, st.SearchStrategy[Any]] = {
     Attr.PADDING: st.binary(max_size=64),
     Attr.SLOT: st.integers(0, 0xFF),
     Attr.LOCAL_PORT: st.integers(0, 0xFFFF),
+    Attr.PROBE_KIND: st.integers(0, 0xFF),
+    Attr.TARGET_PORT: st.integers(0, 0xFFFF),
+    Attr.ALT_ADDRESS: endpoints,
+    Attr.PROBE_PORT: st.integers(0, 0xFFFF),
+    Attr.PROBE_FROM: endpoints,
+    Attr.PROBE_BUDGET: st.integers(0, 0xFF),
+    Attr.REACTION: st.integers(0, 0xFF),
+    Attr.ATTEMPT: st.integers(0, 0xFF),
 }
 
 
@@ -182,6 +190,12 @@ def reply_attrs(mtype: MessageType, *, my_slot: int = 0) -> tuple[tuple[Attr, An
         ),
         MessageType.GO: ((Attr.DELAY_MS, 120),),
         MessageType.RESULT_ACK: (),
+        MessageType.PROBE_ACK: (
+            (Attr.PROBE_KIND, 0),
+            (Attr.PROBE_BUDGET, 16),
+            (Attr.ALT_ADDRESS, Endpoint("198.51.100.194", TCP_PORT)),
+            (Attr.PROBE_PORT, TCP_PORT + 1),
+        ),
         MessageType.ERROR: ((Attr.ERROR, ErrorInfo(ErrorCode.SESSION_FULL, "two peers already")),),
     }[mtype]
 
@@ -269,6 +283,11 @@ def _report(d: Driven) -> None:
     d.send()
 
 
+def _probe(d: Driven) -> None:
+    d.client.probe(codec.ProbeKind.HELLO, d.now)
+    d.send()
+
+
 def _answer(mtype: MessageType) -> Step:
     return lambda d: d.answer(mtype)
 
@@ -276,6 +295,7 @@ def _answer(mtype: MessageType) -> Step:
 _PATHS: dict[ClientState, list[Step]] = {S.IDLE: []}
 _PATHS[S.REGISTERING] = [_register]
 _PATHS[S.REGISTERED] = [*_PATHS[S.REGISTERING], _answer(M.COOKIE), _answer(M.REGISTERED)]
+_PATHS[S.PROBING] = [*_PATHS[S.REGISTERED], _probe]
 _PATHS[S.EXCHANGING] = [*_PATHS[S.REGISTERED], _exchange]
 _PATHS[S.PAIRED] = [*_PATHS[S.EXCHANGING], _answer(M.PEER)]
 _PATHS[S.READYING] = [*_PATHS[S.PAIRED], _ready]

@@ -42,6 +42,7 @@ from rawpunch.proto.client import (
     Failed,
     Go,
     PeerFound,
+    ProbeAnswer,
     Registered,
     ResultAcknowledged,
 )
@@ -52,6 +53,7 @@ from rawpunch.proto.codec import (
     ErrorInfo,
     Message,
     MessageType,
+    ProbeKind,
     ResultCode,
     ResultInfo,
     TcpMapping,
@@ -70,7 +72,7 @@ from rawpunch.proto.server import ServerConfig, ServerCore
 S, M = ClientState, MessageType
 SERVER_TYPES = [t for t, spec in codec.MESSAGES.items() if not spec.from_client]
 CLIENT_TYPES = [t for t, spec in codec.MESSAGES.items() if spec.from_client]
-WITH_REQUEST = {S.REGISTERING, S.EXCHANGING, S.READYING, S.REPORTING}
+WITH_REQUEST = {S.REGISTERING, S.EXCHANGING, S.READYING, S.REPORTING, S.PROBING}
 ANSWER_DELAY = 0.125  # exact in binary, so times and RTTs compare exactly
 
 
@@ -112,6 +114,18 @@ EXPECTED: dict[tuple[ClientState, MessageType], tuple[ClientState, Event | None,
     (S.REPORTING, M.COOKIE): (S.REPORTING, None, M.RESULT),
     (S.REPORTING, M.RESULT_ACK): (S.DONE, ResultAcknowledged(), None),
     (S.REPORTING, M.ERROR): (S.FAILED, Failed(f"{SERVER} refused RESULT: ...", ErrorCode.SESSION_FULL), None),
+    (S.PROBING, M.COOKIE): (S.PROBING, None, M.PROBE),
+    (S.PROBING, M.PROBE_ACK): (
+        S.REGISTERED,
+        ProbeAnswer(ProbeKind.HELLO, 16, Endpoint("198.51.100.194", TCP_PORT), TCP_PORT + 1),
+        None,
+    ),
+    # A refused probe leaves the registration intact: the probe reports what it could measure.
+    (S.PROBING, M.ERROR): (
+        S.REGISTERED,
+        Failed(f"{SERVER} refused PROBE: ...", ErrorCode.SESSION_FULL),
+        None,
+    ),
 }
 
 
@@ -603,6 +617,7 @@ ALLOWED: dict[tuple[ClientState, str], ClientState] = {
     (S.REGISTERED, "exchange"): S.EXCHANGING,
     (S.PAIRED, "exchange"): S.EXCHANGING,
     (S.PAIRED, "ready"): S.READYING,
+    (S.GO, "ready"): S.READYING,  # the next attempt of a strategy cascade
     (S.PAIRED, "report"): S.REPORTING,
     (S.GO, "report"): S.REPORTING,
 }

@@ -259,7 +259,7 @@ DEFECTS: dict[str, tuple[bytes, type[Exception], str]] = {
     ),
     "version 0": (raw_message(GO, DELAY, version=0), UnsupportedVersion, "protocol version 0"),
     "type 0": (raw_message(0x00, DELAY), MalformedMessage, "unknown message type 0x00"),
-    "type 0x0e": (raw_message(0x0E, DELAY), MalformedMessage, "unknown message type 0x0e"),
+    "type 0x7e": (raw_message(0x7E, DELAY), MalformedMessage, "unknown message type 0x7e"),
     "type 0xff": (raw_message(0xFF, DELAY), MalformedMessage, "unknown message type 0xff"),
     "reserved bits": (
         raw_message(GO, DELAY, reserved=0x8000),

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from rawpunch.proto.codec import Endpoint
 from rawpunch.proto.errors import MalformedMessage
 from rawpunch.proto.peerinfo import (
+    BEHAVIOUR_WORDS,
     FIELDS,
     NONCE_LEN,
     Capability,
@@ -42,6 +43,12 @@ peer_infos = st.builds(
     timestamps=st.booleans(),
     tcp_port=optional(st.integers(0, 0xFFFF)),
     local=st.lists(endpoints, max_size=4).map(tuple),
+    punch_ports=st.lists(st.integers(0, 0xFFFF), max_size=4).map(tuple),
+    nat_mapping=st.sampled_from(BEHAVIOUR_WORDS["mapping"]),
+    nat_filtering=st.sampled_from(BEHAVIOUR_WORDS["filtering"]),
+    nat_allocation=st.sampled_from(BEHAVIOUR_WORDS["allocation"]),
+    nat_delta=optional(st.integers(-0x8000, 0x7FFF)),
+    strategy=st.text(max_size=40),
 )
 
 
@@ -49,7 +56,9 @@ def test_every_field_has_a_wire_code() -> None:
     assert set(FIELDS) == {f.name for f in dataclasses.fields(PeerInfo)}
     codes = [code for code, _, _ in FIELDS.values()]
     assert len(set(codes)) == len(codes)
-    assert all(code < 0x8000 for code in codes)
+    # The strategy fields came later: 0x8000 and up, which an older peer skips instead of refusing.
+    late = {"punch_ports", "nat_mapping", "nat_filtering", "nat_allocation", "nat_delta", "strategy"}
+    assert all((code >= 0x8000) == (name in late) for name, (code, _, _) in FIELDS.items())
 
 
 @settings(max_examples=200, deadline=None, database=None)

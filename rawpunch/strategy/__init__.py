@@ -1,0 +1,46 @@
+"""Punch strategies behind one interface (``base.Strategy``), and ``auto``, which chains them.
+
+======================  ====================================================================================
+``crafted-handshake``   crafted SYN/SYN-ACK with a priming TTL, RST suppression, TCP_REPAIR splice
+                        (``rawpunch.punch.session``): stable NATs, also those that answer early SYNs with RST
+``simultaneous-open``   kernel ``connect()`` on both sides at GO (RTT/2 synchronised): the baseline
+``low-ttl-listen``      one side's low-TTL SYN opens its NAT, the other connects (STUNT #2)
+``port-prediction``     sequential NAT against a stable one: prime the predicted next ports
+``birthday``            random-port NAT against a stable one: many guesses, a bounded SYN budget
+``auto``                the cascade for the pair of NATs (``auto.CASCADES``), under one total deadline
+======================  ====================================================================================
+"""
+
+from __future__ import annotations
+
+from rawpunch.strategy.base import Strategy
+
+AUTO = "auto"
+STRATEGY_NAMES: tuple[str, ...] = (
+    AUTO,
+    "crafted-handshake",
+    "simultaneous-open",
+    "low-ttl-listen",
+    "port-prediction",
+    "birthday",
+)
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy called ``name`` (not ``auto``, which is the runner's cascade)."""
+    from rawpunch.strategy import crafted, kernel  # noqa: PLC0415 - keep ``import rawpunch.strategy`` light
+
+    known: dict[str, Strategy] = {
+        "crafted-handshake": crafted.CraftedHandshake(),
+        "simultaneous-open": kernel.SimultaneousOpen(),
+        "low-ttl-listen": kernel.LowTtlListen(),
+        "port-prediction": kernel.PortPrediction(),
+        "birthday": kernel.Birthday(),
+    }
+    try:
+        return known[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_NAMES)}") from None
+
+
+__all__ = ["AUTO", "STRATEGY_NAMES", "Strategy", "get_strategy"]

@@ -1,0 +1,337 @@
+"""The kernel-socket strategies: simultaneous-open, low-ttl-listen, port-prediction, birthday.
+
+Each turns the shared facts into a ``plan.KernelPlan`` (sans-IO) and hands it to ``run_plan``, the adapter:
+firewall guard (only the ICMP time-exceeded drop, when a plan sends low-TTL SYNs), GO, then non-blocking
+``connect()``\\s at the plan's rate. A SYN's TTL is set with ``IP_TTL`` around the ``connect()`` call, which
+transmits the SYN before it returns, and restored at once: the SYN-ACK the same socket sends when the peer's
+SYN comes in (simultaneous open) must reach the peer.
+
+Choosing the connection. The birthday plan can connect more than once (two guesses hit). The side with one
+peer endpoint (the connector, or either side of a simultaneous open) takes its first connected socket and
+starts the peer authentication on it (``session._authenticate``, both ends send a challenge first); the
+primer takes the first of its connected sockets on which that challenge arrives. The others are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import resource
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from rawpunch.proto.codec import Endpoint
+from rawpunch.punch.firewall import FirewallGuard, PunchFlow
+from rawpunch.strategy import plan as plans
+from rawpunch.strategy.base import AttemptContext, AttemptFailed
+from rawpunch.strategy.plan import NORMAL_TTL, KernelPlan, Role
+
+log = logging.getLogger("rawpunch.strategy")
+RETRY_DELAY = 0.05  # after a refusal (RST): the peer's NAT may not have its mapping yet
+SHOWN_PORTS = 16  # ports listed in the attempt event
+PACING_TICK = 0.005  # seconds between bursts of SYNs
+
+
+def _role(ctx: AttemptContext, strategy: str) -> Role:
+    return "primer" if ctx.slot == plans.primer_slot(strategy, ctx.stable_slot) else "connector"
+
+
+def _rtt(ctx: AttemptContext) -> float | None:
+    return ctx.client.core.rtt
+
+
+class SimultaneousOpen:
+    name = "simultaneous-open"
+    suits = "the baseline: NATs that drop (not RST) an early SYN, synchronised at GO (RTT/2)"
+
+    async def attempt(self, ctx: AttemptContext) -> socket.socket:
+        return await run_plan(plans.simultaneous_open(ctx.local.port, ctx.peer_public), ctx)
+
+
+class LowTtlListen:
+    name = "low-ttl-listen"
+    suits = "two stable NATs (endpoint-independent mapping or port preservation), RST or drop"
+
+    async def attempt(self, ctx: AttemptContext) -> socket.socket:
+        role = _role(ctx, self.name)
+        p = plans.low_ttl_listen(role, ctx.local.port, ctx.peer_public, ctx.priming_ttl, _rtt(ctx))
+        return await run_plan(p, ctx)
+
+
+class PortPrediction:
+    name = "port-prediction"
+    suits = "a sequentially allocating NAT (fixed delta) against a stable one"
+
+    async def attempt(self, ctx: AttemptContext) -> socket.socket:
+        role = _role(ctx, self.name)
+        predicted = ctx.peer if role == "primer" else ctx.me  # both sides know the connector's delta
+        delta = predicted.behaviour.allocation_delta
+        if not delta:
+            who = "the peer's" if role == "primer" else "our"
+            raise AttemptFailed(
+                f"port prediction: {who} NAT showed no fixed allocation delta to predict from"
+            )
+        p = plans.port_prediction(
+            role,
+            ctx.local.port,
+            ctx.peer_public,
+            ctx.peer.last_public_port,
+            delta or 1,
+            ctx.priming_ttl,
+            _rtt(ctx),
+        )
+        return await run_plan(p, ctx)
+
+
+class Birthday:
+    name = "birthday"
+    suits = "a randomly allocating NAT against a stable one (many guessed ports, bounded SYN budget)"
+
+    async def attempt(self, ctx: AttemptContext) -> socket.socket:
+        role = _role(ctx, self.name)
+        first, second = (ctx.me, ctx.peer) if ctx.slot == 0 else (ctx.peer, ctx.me)  # slot order: same seed
+        seed = hashlib.sha256(first.info.nonce + second.info.nonce + bytes([ctx.attempt])).digest()
+        p = plans.birthday(
+            role, ctx.local.port, ctx.peer_public, ctx.priming_ttl, _rtt(ctx), seed, budget=ctx.syn_budget
+        )
+        _ensure_open_files(p.syns)
+        size = plans.PORT_RANGE[1] - plans.PORT_RANGE[0] + 1
+        n, m = plans.birthday_sizes(ctx.syn_budget, size)
+        ctx.emit(
+            {
+                "event": "birthday",
+                "attempt": ctx.attempt,
+                "role": role,
+                "connections": n,
+                "guesses": m,
+                "port_range": list(plans.PORT_RANGE),
+                "probability": round(p.probability or 0.0, 4),
+                "rate": plans.BIRTHDAY_RATE,
+            }
+        )
+        return await run_plan(p, ctx)
+
+
+def _ensure_open_files(sockets: int) -> None:
+    """One descriptor per socket: raise the soft limit towards the hard one if the plan needs it."""
+    needed = sockets + 256  # and what the process already holds
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise AttemptFailed(
+            f"birthday: {sockets} sockets need {needed} open files, the hard limit is {hard}: "
+            "raise it (ulimit -Hn) or lower --syn-budget"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def _pairs(p: KernelPlan) -> Iterator[tuple[int, Endpoint]]:
+    if len(p.targets) == 1:
+        return ((port, p.targets[0]) for port in p.local_ports)
+    return ((p.local_ports[0], target) for target in p.targets)
+
+
+async def run_plan(p: KernelPlan, ctx: AttemptContext) -> socket.socket:
+    """Carry out ``p`` from GO; return the authenticated socket, or raise ``AttemptFailed``."""
+    from rawpunch.punch.session import PunchError, _authenticate, _Capture  # noqa: PLC0415 - session imports us
+
+    ctx.detail.update(
+        role=p.role,
+        ports=[t.port for t in p.targets][:SHOWN_PORTS],
+        syns=p.syns,
+        ttl=p.ttl,
+    )
+    guard = None
+    if p.ttl < NORMAL_TTL:
+        guard = FirewallGuard(PunchFlow(p.local_ports[0], p.targets[0], 0, kernel_sockets=True))
+    started = time.monotonic()  # "punch" includes READY/GO, as the crafted handshake's does
+    capture = _Capture(ctx.pcap, p.local_ports[0]) if p.local_ports[0] else contextlib.nullcontext()
+    with capture, guard if guard is not None else contextlib.nullcontext():
+        await ctx.go()
+        dialer = _Dialer(p, ctx.budget)
+        try:
+            sock = await dialer.run()
+            ctx.timings["punch"] = round((time.monotonic() - started) * 1000, 2)
+            try:
+                await _authenticate(sock, ctx.keys, ctx.slot, timeout=ctx.remaining())
+            except PunchError as exc:
+                raise AttemptFailed(str(exc)) from None
+            ctx.timings["authenticate"] = round((time.monotonic() - started) * 1000 - ctx.timings["punch"], 2)
+            dialer.keep(sock)
+            return sock
+        finally:
+            dialer.close()
+
+
+class _Dialer:
+    """Non-blocking connects at the plan's rate; the first usable connection wins."""
+
+    def __init__(self, p: KernelPlan, budget: float) -> None:
+        self.plan = p
+        self.loop = asyncio.get_running_loop()
+        self.deadline = self.loop.time() + budget
+        self.socks: set[socket.socket] = set()
+        self.connected: asyncio.Queue[socket.socket] = asyncio.Queue()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.errors: dict[str, int] = {}
+        self.kept: socket.socket | None = None
+
+    async def run(self) -> socket.socket:
+        self.tasks.append(asyncio.create_task(self._dial_all()))
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                return await (
+                    self._choose_by_challenge() if self.plan.role == "primer" else self.connected.get()
+                )
+        except TimeoutError:
+            raise AttemptFailed(
+                f"{self.plan.strategy}: no connection within the budget ({self._why()})"
+            ) from None
+
+    def _why(self) -> str:
+        if not self.errors:
+            return f"{self.plan.syns} SYNs unanswered"
+        return ", ".join(f"{n} x {e}" for e, n in sorted(self.errors.items()))
+
+    async def _dial_all(self) -> None:
+        """SYNs at the plan's rate: each tick sends what the rate allows by then (a sleep per SYN would
+        stretch 500 SYNs far beyond the plan, and the connector's ``lead`` counts on the plan)."""
+        await asyncio.sleep(self.plan.lead)
+        pairs = list(_pairs(self.plan))
+        start, sent = self.loop.time(), 0
+        while sent < len(pairs):
+            due = (
+                len(pairs)
+                if not self.plan.interval
+                else int((self.loop.time() - start) / self.plan.interval) + 1
+            )
+            for port, target in pairs[sent:due]:
+                sock = self._start(port, target)
+                if sock is not None:
+                    self.tasks.append(asyncio.create_task(self._finish(sock, port, target)))
+            sent = max(sent, min(due, len(pairs)))
+            if sent < len(pairs):
+                await asyncio.sleep(PACING_TICK)
+
+    def _start(self, port: int, target: Endpoint) -> socket.socket | None:
+        """A socket whose SYN has left (``connect()`` sends it before returning), or None after an error."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socks.add(sock)
+        try:
+            self._prepare(sock, port)
+            _connect_with_ttl(sock, target, self.plan.ttl)
+        except OSError as exc:
+            self._failed(sock, exc.errno or errno.EIO)
+            return None
+        return sock
+
+    async def _finish(self, sock: socket.socket, port: int, target: Endpoint) -> None:
+        """Wait for the handshake; on a refusal, connect again (if the plan retries) until the budget ends."""
+        while True:
+            await _writable(self.loop, sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                self.connected.put_nowait(sock)
+                return
+            self._failed(sock, err)
+            if not self.plan.retry or err not in (errno.ECONNREFUSED, errno.ECONNRESET):
+                return
+            await asyncio.sleep(RETRY_DELAY)
+            if (retry := self._start(port, target)) is None:
+                return
+            sock = retry
+
+    def _failed(self, sock: socket.socket, err: int) -> None:
+        self._drop(sock)
+        name = errno.errorcode.get(err, str(err))
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+    def _prepare(self, sock: socket.socket, port: int) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # many sockets on the primer's one port
+        sock.setblocking(False)
+        sock.bind(("0.0.0.0", port))  # an OSError (port taken) is counted like a failed connect
+
+    async def _choose_by_challenge(self) -> socket.socket:
+        """The primer: the connected socket on which the connector's challenge arrives first."""
+        waiting: dict[asyncio.Task[Any], socket.socket] = {}
+        getter = asyncio.create_task(self.connected.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({getter, *waiting}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is getter:
+                        sock = getter.result()
+                        waiting[asyncio.create_task(_readable(self.loop, sock))] = sock
+                        getter = asyncio.create_task(self.connected.get())
+                    elif _has_data(sock := waiting.pop(task)):
+                        return sock
+        finally:
+            for task in (getter, *waiting):
+                task.cancel()
+
+    def keep(self, sock: socket.socket) -> None:
+        self.kept = sock
+
+    def _drop(self, sock: socket.socket) -> None:
+        self.socks.discard(sock)
+        if sock.fileno() >= 0:  # unregister before close: the number may be reused at once
+            self.loop.remove_reader(sock.fileno())
+            self.loop.remove_writer(sock.fileno())
+        sock.close()
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for sock in list(self.socks):
+            if sock is not self.kept:
+                self._drop(sock)
+
+
+def _connect_with_ttl(sock: socket.socket, target: Endpoint, ttl: int) -> None:
+    """Start the handshake; the SYN leaves inside ``connect()``, so the TTL can be restored right after."""
+    normal = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+    if ttl != NORMAL_TTL:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+    err = sock.connect_ex((target.host, target.port))
+    if ttl != NORMAL_TTL:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, normal)
+    if err not in (0, errno.EINPROGRESS):
+        raise OSError(err, os.strerror(err))
+
+
+def _has_data(sock: socket.socket) -> bool:
+    """Readable with bytes to read, not just EOF or an error (a connection the connector dropped)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except OSError:
+        return False
+
+
+async def _wait_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket, write: bool) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, ready)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    await _wait_fd(loop, sock, write=True)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    await _wait_fd(loop, sock, write=False)

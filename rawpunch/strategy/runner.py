@@ -1,0 +1,197 @@
+"""The cascade of ``session.punch``: meet the peer once, then try strategies until one connects.
+
+::
+
+    register -> discover DISCOVERIES local ports (TCP) -> classify own NAT -> exchange sealed info
+      -> for each strategy of the cascade:  READY(attempt i) -> GO -> attempt (budget) -> event
+      -> connected: report to the server
+
+Both peers compute the same cascade (``auto.cascade`` over both peers' NAT knowledge, in slot order), and
+attempt ``i`` uses, on each side, the ``i``-th discovered local port (modulo their number): every attempt
+starts on fresh conntrack entries, and the peer knows our public endpoint for it without another exchange.
+Each attempt starts at its own GO (the server's READY/GO repeated with an ``ATTEMPT`` number), so a peer
+that gives up early waits for the other at the next GO instead of running ahead. The total ``deadline``
+counts from the moment the peer was found; an attempt gets ``BUDGETS[strategy]`` of it, the last one all
+that is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from rawpunch.probe.result import NatBehaviour
+from rawpunch.proto.client import PeerFound
+from rawpunch.proto.codec import Endpoint, TcpMapping
+from rawpunch.proto.keys import SessionKeys
+from rawpunch.proto.peerinfo import Capability, PeerInfo
+from rawpunch.punch.segment import TcpOptions
+from rawpunch.rendezvous.client import RendezvousClient
+from rawpunch.strategy import AUTO, STRATEGY_NAMES, auto, classify, get_strategy
+from rawpunch.strategy.base import AttemptContext, AttemptFailed, EventSink, PeerView
+
+log = logging.getLogger("rawpunch.strategy")
+
+BUDGETS = {
+    "crafted-handshake": 4.0,
+    "simultaneous-open": 2.5,
+    "low-ttl-listen": 2.5,
+    "port-prediction": 3.0,
+    "birthday": 5.0,
+}
+GO_SLACK = 5.0  # beyond the deadline, for the rendezvous round trips of the GOs
+ALL_CAPABILITIES = (
+    Capability.CRAFTED_HANDSHAKE
+    | Capability.SIMULTANEOUS_OPEN
+    | Capability.LOW_TTL_LISTEN
+    | Capability.PORT_PREDICTION
+    | Capability.BIRTHDAY
+)
+
+
+def check_strategy(text: str) -> str:
+    """``auto``, a strategy name, or a comma-separated cascade of names (``birthday,crafted-handshake``)."""
+    names = [n.strip() for n in text.split(",")]
+    for name in names:
+        if name not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_NAMES)}")
+    if AUTO in names and len(names) > 1:
+        raise ValueError(f"{text!r}: 'auto' is a cascade of its own; list strategies without it")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{text!r} names a strategy twice")
+    return ",".join(names)
+
+
+def budget(strategy: str, remaining: float, last: bool) -> float:
+    return max(0.0, remaining if last else min(BUDGETS[strategy], remaining))
+
+
+async def discover(client: RendezvousClient, first_port: int, emit: EventSink) -> list[TcpMapping]:
+    """Public endpoints of ``first_port`` and fresh ports, one after the other (allocation order)."""
+    found = []
+    for i in range(classify.DISCOVERIES):
+        mapping = await client.discover_tcp(first_port if i == 0 else 0)
+        found.append(mapping)
+        emit(
+            {
+                "event": "tcp_endpoint",
+                "local": str(Endpoint(client.local_address.host, mapping.local_port)),
+                "public": str(mapping.public),
+            }
+        )
+    return found
+
+
+def own_info(
+    mappings: list[TcpMapping], options: TcpOptions, isn: int, known: NatBehaviour, strategy: str = AUTO
+) -> PeerInfo:
+    return PeerInfo(
+        capabilities=ALL_CAPABILITIES,
+        isn=isn,
+        mss=options.mss,
+        wscale=options.wscale,
+        sack=options.sack_permitted,
+        timestamps=options.timestamp is not None,
+        tcp_port=mappings[0].local_port,
+        punch_ports=tuple(m.local_port for m in mappings),
+        strategy=strategy,
+        **classify.info_fields(known),
+    )
+
+
+def views(
+    slot: int, info: PeerInfo, mappings: list[TcpMapping], found: PeerFound
+) -> tuple[PeerView, PeerView]:
+    me = PeerView(
+        slot,
+        info,
+        classify.from_info(info),
+        {m.local_port: m.public for m in mappings},
+        mappings[-1].public.port,
+    )
+    public = {m.local_port: m.public for m in found.tcp}
+    ports = found.info.punch_ports or ((found.info.tcp_port,) if found.info.tcp_port is not None else ())
+    known = [p for p in ports if p in public]
+    if not known:
+        raise AttemptFailed(
+            "the server has no public TCP endpoint for the peer's ports: the peer's TCP endpoint discovery "
+            "failed (is TCP to the server blocked on its side?)"
+        )
+    peer = PeerView(found.slot, found.info, classify.from_info(found.info), public, public[known[-1]].port)
+    return me, peer
+
+
+def attempt_port(view: PeerView, attempt: int) -> int:
+    ports = view.info.punch_ports or ((view.info.tcp_port,) if view.info.tcp_port is not None else ())
+    usable = [p for p in ports if p in view.public]
+    return usable[attempt % len(usable)]
+
+
+def plan_cascade(strategy: str, me: PeerView, peer: PeerView) -> tuple[str, ...]:
+    if peer.info.strategy and peer.info.strategy != strategy:
+        raise AttemptFailed(
+            f"the peer runs --strategy {peer.info.strategy}, this side {strategy}: both must use the same"
+        )
+    if strategy != AUTO:
+        return tuple(check_strategy(strategy).split(","))
+    slot0, slot1 = (me, peer) if me.slot == 0 else (peer, me)
+    return auto.cascade(slot0.behaviour, slot1.behaviour)
+
+
+async def run_cascade(
+    client: RendezvousClient,
+    keys: SessionKeys,
+    me: PeerView,
+    peer: PeerView,
+    names: tuple[str, ...],
+    common: dict[str, object],
+    deadline: float,
+    emit: EventSink,
+) -> tuple[socket.socket, AttemptContext]:
+    """Run the attempts in order; the first connected, authenticated socket and its attempt's context."""
+    slot0, slot1 = (me, peer) if me.slot == 0 else (peer, me)
+    stable = auto.stable_side(slot0.behaviour, slot1.behaviour)
+    started = time.monotonic()
+    failures = []
+    for i, name in enumerate(names):
+        remaining = deadline - (time.monotonic() - started)
+        if remaining <= 0:
+            break
+        local_port = attempt_port(me, i)
+        ctx = AttemptContext(
+            attempt=i,
+            client=client,
+            keys=keys,
+            me=me,
+            peer=peer,
+            local=Endpoint(client.local_address.host, local_port),
+            peer_public=peer.public[attempt_port(peer, i)],
+            budget=budget(name, remaining, last=i == len(names) - 1),
+            emit=emit,
+            stable_slot=stable,
+            **common,  # type: ignore[arg-type]
+        )
+        strategy = get_strategy(name)
+        t0 = ctx.started = time.monotonic()
+        outcome = "connected"
+        try:
+            sock = await strategy.attempt(ctx)
+        except AttemptFailed as exc:
+            outcome = f"failed: {exc}"
+            failures.append(f"{name}: {exc}")
+            if not ctx.went:  # the peer waits at this attempt's GO: take it, or both wait forever
+                await ctx.go()
+        ms = round((time.monotonic() - t0) * 1000, 2)
+        detail = {
+            "ports": [],
+            "ttl": None,
+            **ctx.detail,
+        }  # an attempt that gave up before sending has neither
+        emit({"event": "attempt", "attempt": i, "strategy": name, **detail, "outcome": outcome, "ms": ms})
+        if outcome == "connected":
+            return sock, ctx
+    raise AttemptFailed(
+        f"no strategy connected within {deadline:g} s ({'; '.join(failures) or 'no attempt made'}); "
+        "try --deadline with more seconds, or another --strategy"
+    )

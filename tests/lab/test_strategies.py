@@ -1,0 +1,144 @@
+"""Each strategy connects where it should, through real Linux (and userspace) NATs in network namespaces.
+
+Every punch runs ``rawpunch peer --strategy ...`` in both hosts of ``two_nats(hops=2)`` (netcat mode), sends
+data each way, and checks: both exit 0, each received exactly what the other sent, the ``connected`` event
+names the expected strategy, and every ``attempt`` event before it carries strategy, ports, TTL, outcome and
+time. Lab per test; nothing timed (speed goes to the matrix).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rawpunch.lab.netns import Lab
+from rawpunch.lab.scenario import PunchRun, punch_peers, start_server
+from rawpunch.lab.topology import two_nats
+from rawpunch.probe import cache
+from rawpunch.probe.result import NatBehaviour
+
+pytestmark = pytest.mark.root
+TIMEOUT = 90.0
+KEY_A = "10.0.1.1|10.0.1.2"  # probe cache key of host a: its default gateway (nat-a) and its address
+
+
+@pytest.fixture(autouse=True)
+def _own_probe_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The peers read the probe cache from here: another test's cached results must not steer auto."""
+    monkeypatch.setenv("RAWPUNCH_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def punch(
+    profile_a: str, profile_b: str, strategy: str, punches: int = 1, args: tuple[str, ...] = ()
+) -> list[dict[str, PunchRun]]:
+    results = []
+    with Lab(two_nats(hops=2, profile_a=profile_a, profile_b=profile_b)) as lab:
+        server = start_server(lab)
+        for i in range(punches):
+            send = {"a": os.urandom(50_000) + b"from a", "b": os.urandom(70_000) + b"from b"}
+            runs = punch_peers(
+                lab,
+                server.endpoint,
+                os.urandom(12).hex(),
+                send,
+                args=("--strategy", strategy, *args),
+                timeout=TIMEOUT,
+            )
+            for name, other in (("a", "b"), ("b", "a")):
+                run = runs[name]
+                assert run.returncode == 0, f"punch {i}, peer {name} ({strategy}):\n{run.stderr}"
+                assert run.received == send[other], f"punch {i}: {name} got other bytes than {other} sent"
+            results.append(runs)
+    return results
+
+
+def attempts(run: PunchRun) -> list[dict[str, object]]:
+    found = [e for e in run.events if e["event"] == "attempt"]
+    for e in found:
+        assert {"strategy", "ports", "ttl", "outcome", "ms"} <= set(e), e
+    return found
+
+
+def winner(run: PunchRun) -> str:
+    connected = run.event("connected")
+    assert connected is not None, run.stderr
+    last = attempts(run)[-1]
+    assert last["outcome"] == "connected" and last["strategy"] == connected["strategy"]
+    return str(connected["strategy"])
+
+
+CASES = [
+    ("eim-apdf", "eim-apdf", "low-ttl-listen"),
+    ("eim-apdf-rst", "eim-apdf-rst", "low-ttl-listen"),
+    ("eim-apdf", "eim-apdf", "simultaneous-open"),
+    ("apdm-sequential", "eim-apdf", "port-prediction"),
+    ("eim-apdf-rst", "adm-adf-sequential", "port-prediction"),
+    ("apdm-random", "eim-apdf", "birthday"),
+]
+
+
+@pytest.mark.parametrize(("profile_a", "profile_b", "strategy"), CASES, ids=["-".join(c) for c in CASES])
+def test_a_strategy_connects_through_the_nats_it_is_for(
+    profile_a: str, profile_b: str, strategy: str
+) -> None:
+    # Birthday succeeds with a computed probability: 2000 SYNs make a failure (1e-7) no test's business.
+    extra = ("--syn-budget", "2000") if strategy == "birthday" else ()
+    (runs,) = punch(profile_a, profile_b, strategy, args=extra)
+    for run in runs.values():
+        assert winner(run) == strategy
+        assert len(attempts(run)) == 1
+        if strategy == "birthday":
+            guessed = run.event("birthday")
+            assert guessed is not None and guessed["connections"] == guessed["guesses"] == 1000
+            assert guessed["probability"] > 0.9999
+
+
+AUTO_CASES = [
+    ("eim-apdf", "eim-apdf-rst", "crafted-handshake"),
+    ("eim-apdf-random", "eim-apdf", "birthday"),  # random ports seen, mapping unknown: guess
+    ("apdm-sequential", "eim-apdf", "port-prediction"),
+    ("eim-apdf-rst", "apdm-random", "birthday"),
+]
+
+
+@pytest.mark.parametrize(
+    ("profile_a", "profile_b", "expected"), AUTO_CASES, ids=["-".join(c) for c in AUTO_CASES]
+)
+def test_auto_picks_the_strategy_for_the_pair(profile_a: str, profile_b: str, expected: str) -> None:
+    (runs,) = punch(profile_a, profile_b, "auto", args=("--syn-budget", "2000"))  # birthday: see above
+    for run in runs.values():
+        assert winner(run) == expected
+        cascade = run.event("cascade")
+        assert cascade is not None and cascade["strategies"][0] == expected
+
+
+def test_a_failed_attempt_falls_back_to_the_next_strategy_at_a_new_go() -> None:
+    """Port prediction between two port-preserving NATs has no delta to predict from: both peers see that
+    in the exchanged classification and give up before sending anything, still taking attempt 0's GO (the
+    other waits there); at attempt 1's GO the crafted handshake connects."""
+    (runs,) = punch("eim-apdf", "eim-apdf", "port-prediction,crafted-handshake")
+    for run in runs.values():
+        tried = attempts(run)
+        assert [(a["strategy"], str(a["outcome"]).split(":")[0]) for a in tried] == [
+            ("port-prediction", "failed"),
+            ("crafted-handshake", "connected"),
+        ]
+        assert winner(run) == "crafted-handshake"
+        gos = [e for e in run.events if e["event"] == "go"]
+        assert [g["attempt"] for g in gos] == [0, 1]
+
+
+def test_auto_takes_the_cached_probe_result_into_account(_own_probe_cache: Path) -> None:
+    """The same pair as above, but a's probe found endpoint-independent mapping: its random ports do not
+    matter (the peer sees the endpoint the server saw), so auto starts with the crafted handshake."""
+    probed = NatBehaviour(mapping="endpoint-independent", filtering="address-and-port-dependent")
+    assert cache.store(probed, key=KEY_A, directory=_own_probe_cache) is not None
+    (runs,) = punch("eim-apdf-random", "eim-apdf", "auto")
+    own = runs["a"].event("own_nat")
+    assert own is not None and own["from_probe"] and own["mapping"] == "endpoint-independent"
+    assert own["allocation"] == "random"  # from the discoveries: the probe did not say
+    for run in runs.values():
+        assert winner(run) == "crafted-handshake"
