@@ -15,7 +15,7 @@ import sys
 
 from rawpunch.lab.netns import Lab
 from rawpunch.lab.scenario import PunchRun, ScenarioError, conntrack_public, punch_peers, start_server
-from rawpunch.lab.topology import two_nats
+from rawpunch.lab.topology import DEFAULT_HOPS, DEFAULT_PROFILE, two_nats
 from rawpunch.proto.codec import Endpoint
 
 NATS = {"a": "nat-a", "b": "nat-b"}
@@ -45,8 +45,12 @@ def _describe(lab: Lab, name: str, run: PunchRun, expected: bytes) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__)
-    parser.add_argument("--hops", type=int, default=2, help="core routers between the NATs (default 2)")
-    parser.add_argument("--profile", default="eim-apdf", help="NAT profile of both NATs (default eim-apdf)")
+    parser.add_argument(
+        "--hops", type=int, default=DEFAULT_HOPS, help=f"core routers (default {DEFAULT_HOPS})"
+    )
+    parser.add_argument(
+        "--profile", default=DEFAULT_PROFILE, help=f"NAT profile of both NATs (default {DEFAULT_PROFILE})"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("scripts/demo: needs root to build network namespaces: sudo scripts/demo", file=sys.stderr)

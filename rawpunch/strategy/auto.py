@@ -8,12 +8,13 @@ TCP hole punching (RFC 5382 section 5; RFC 4787 sections 4.1, 4.2.1):
 * **stable**: the public endpoint the server saw is the one the peer will see -- endpoint-independent
   mapping, or port preservation (or nothing known, which is the common case: try the cheap strategies);
 * **sequential**: each new mapping gets the previous port plus ``delta``: the peer's endpoint can be
-  predicted (``port-prediction``);
+  predicted (``port-prediction``; between two sequential NATs both sides' next ports are predicted);
 * **random**: each new mapping gets a random port: only guessing helps (``birthday``).
 
 The crafted handshake comes first wherever both sides are stable: it works through NATs that answer
-unsolicited SYNs with RST, which kernel simultaneous open does not (FACTS.md). Pairs without a stable side
-have no strategy here that reaches them reliably; the cascade still tries the cheap ones, within the deadline.
+unsolicited SYNs with RST, which kernel simultaneous open may not (FACTS.md). A random NAT facing anything but
+a stable one has no strategy here that reaches it reliably (both sides would have to guess); the cascade
+still tries the cheap ones, within the deadline.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ CASCADES: dict[frozenset[NatClass], tuple[str, ...]] = {
     frozenset({"stable"}): ("crafted-handshake", "low-ttl-listen", "simultaneous-open"),
     frozenset({"stable", "sequential"}): ("port-prediction", "crafted-handshake"),
     frozenset({"stable", "random"}): ("birthday", "crafted-handshake"),
-    frozenset({"sequential"}): ("crafted-handshake", "simultaneous-open"),
+    frozenset({"sequential"}): ("port-prediction", "crafted-handshake"),
     frozenset({"sequential", "random"}): ("crafted-handshake", "simultaneous-open"),
     frozenset({"random"}): ("crafted-handshake", "simultaneous-open"),
 }

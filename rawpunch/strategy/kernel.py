@@ -6,7 +6,8 @@ firewall guard (only the ICMP time-exceeded drop, when a plan sends low-TTL SYNs
 transmits the SYN before it returns, and restored at once: the SYN-ACK the same socket sends when the peer's
 SYN comes in (simultaneous open) must reach the peer.
 
-Choosing the connection. The birthday plan can connect more than once (two guesses hit). The side with one
+Choosing the connection. Birthday and port prediction between two sequential NATs can connect more than
+once (two guesses hit, or several predicted pairs). The side with one
 peer endpoint (the connector, or either side of a simultaneous open) takes its first connected socket and
 starts the peer authentication on it (``session._authenticate``, both ends send a challenge first); the
 primer takes the first of its connected sockets on which that challenge arrives. The others are closed.
@@ -28,8 +29,9 @@ from typing import Any
 
 from rawpunch.proto.codec import Endpoint
 from rawpunch.punch.firewall import FirewallGuard, PunchFlow
+from rawpunch.strategy import auto
 from rawpunch.strategy import plan as plans
-from rawpunch.strategy.base import AttemptContext, AttemptFailed
+from rawpunch.strategy.base import AttemptContext, AttemptFailed, PeerView
 from rawpunch.strategy.plan import NORMAL_TTL, KernelPlan, Role
 
 log = logging.getLogger("rawpunch.strategy")
@@ -42,13 +44,17 @@ def _role(ctx: AttemptContext, strategy: str) -> Role:
     return "primer" if ctx.slot == plans.primer_slot(strategy, ctx.stable_slot) else "connector"
 
 
+def _public_host(view: PeerView) -> str:
+    return next(iter(view.public.values())).host
+
+
 def _rtt(ctx: AttemptContext) -> float | None:
     return ctx.client.core.rtt
 
 
 class SimultaneousOpen:
     name = "simultaneous-open"
-    suits = "the baseline: NATs that drop (not RST) an early SYN, synchronised at GO (RTT/2)"
+    suits = "the baseline: both connect() at GO (RTT/2 synchronised) and again after each refusal"
 
     async def attempt(self, ctx: AttemptContext) -> socket.socket:
         return await run_plan(plans.simultaneous_open(ctx.local.port, ctx.peer_public), ctx)
@@ -66,26 +72,25 @@ class LowTtlListen:
 
 class PortPrediction:
     name = "port-prediction"
-    suits = "a sequentially allocating NAT (fixed delta) against a stable one"
+    suits = "a sequentially allocating NAT (fixed delta) against a stable or another sequential one"
 
     async def attempt(self, ctx: AttemptContext) -> socket.socket:
         role = _role(ctx, self.name)
-        predicted = ctx.peer if role == "primer" else ctx.me  # both sides know the connector's delta
-        delta = predicted.behaviour.allocation_delta
+        # Both sides know both NATs (exchanged classification): each computes the same predictions.
+        primer, connector = (ctx.me, ctx.peer) if role == "primer" else (ctx.peer, ctx.me)
+        delta = connector.behaviour.allocation_delta
         if not delta:
             who = "the peer's" if role == "primer" else "our"
             raise AttemptFailed(
                 f"port prediction: {who} NAT showed no fixed allocation delta to predict from"
             )
-        p = plans.port_prediction(
-            role,
-            ctx.local.port,
-            ctx.peer_public,
-            ctx.peer.last_public_port,
-            delta or 1,
-            ctx.priming_ttl,
-            _rtt(ctx),
-        )
+        predicted = plans.Prediction(_public_host(connector), connector.last_public_port, delta)
+        aim: Endpoint | plans.Prediction = ctx.peer_public  # the connector's target: the primer's endpoint
+        if auto.nat_class(primer.behaviour) == "sequential" and primer.behaviour.allocation_delta:
+            aim = plans.Prediction(
+                _public_host(primer), primer.last_public_port, primer.behaviour.allocation_delta
+            )
+        p = plans.port_prediction(role, ctx.local.port, predicted, aim, ctx.priming_ttl, _rtt(ctx))
         return await run_plan(p, ctx)
 
 

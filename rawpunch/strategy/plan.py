@@ -35,8 +35,9 @@ The strategies differ in what the primer aims at and how many sockets there are:
   ``1 - (1 - m/N)^n``, about ``1 - exp(-n m / N)`` (the birthday bound), computed and logged per attempt.
   The SYN budget ``n + m`` and the rate are bounded;
 * ``simultaneous-open`` (the baseline, libp2p DCUtR style): both ``connect()`` at GO with a normal TTL and
-  retry on refusal; it works when the first SYN finds the other NAT silent (it drops), and fails between
-  NATs that answer an unsolicited SYN with RST (FACTS.md).
+  again ``RETRY_DELAY`` after each refusal; a SYN that reaches the other NAT before that NAT's own SYN left
+  is dropped or answered with RST (FACTS.md), so between RST-answering NATs it connects only when two
+  retries happen to cross (seconds, in the lab), and the others are faster.
 
 The connector waits ``lead`` after GO: the primer's SYNs must have left first. GO's RTT-compensated delays
 make the two GOs coincide up to the error of the RTT estimates; ``lead`` adds that margin (from the measured
@@ -117,22 +118,44 @@ def predict_ports(last: int, delta: int, window: int = PREDICTION_WINDOW) -> tup
     return tuple(low + (last - low + k * delta) % size for k in range(1, window + 1))
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """A sequentially allocating NAT's next mappings: ``last + k * delta`` for k = 1, 2, ..."""
+
+    host: str
+    last: int
+    delta: int
+
+    def endpoints(self, window: int = PREDICTION_WINDOW) -> tuple[Endpoint, ...]:
+        return tuple(Endpoint(self.host, p) for p in predict_ports(self.last, self.delta, window))
+
+
 def port_prediction(
     role: Role,
     local_port: int,
-    peer: Endpoint,
-    peer_last_port: int,
-    peer_delta: int,
+    connector: Prediction,
+    primer: Endpoint | Prediction,
     ttl: int,
     server_rtt: float | None,
     window: int = PREDICTION_WINDOW,
 ) -> KernelPlan:
-    """The primer primes the connector's predicted ports; the connector connects to the primer's endpoint."""
+    """The primer primes the connector's predicted ports; the connector connects to the primer's endpoint.
+
+    When the primer's NAT is sequential too (``primer`` a ``Prediction``), its k-th priming SYN gets its k-th
+    next port, and the connector's k-th SYN (its NAT's k-th next port) goes there: the k-th SYNs of both
+    sides name each other's k-th mapping, so the pairs match by index. Sent in order, without retries (a
+    retry would take a port out of turn).
+    """
     if role == "primer":
-        targets = tuple(Endpoint(peer.host, p) for p in predict_ports(peer_last_port, peer_delta, window))
+        targets = connector.endpoints(window)
         return KernelPlan("port-prediction", role, (local_port,), targets, ttl, 0.0, SYN_INTERVAL, False)
     lead = lead_margin(server_rtt) + window * SYN_INTERVAL
-    return KernelPlan("port-prediction", role, (local_port,), (peer,), NORMAL_TTL, lead, 0.0, True)
+    if isinstance(primer, Prediction):
+        targets = primer.endpoints(window)
+        return KernelPlan(
+            "port-prediction", role, (local_port,), targets, NORMAL_TTL, lead, SYN_INTERVAL, False
+        )
+    return KernelPlan("port-prediction", role, (local_port,), (primer,), NORMAL_TTL, lead, 0.0, True)
 
 
 def birthday_probability(n: int, m: int, size: int) -> float:

@@ -76,6 +76,7 @@ CASES = [
     ("eim-apdf", "eim-apdf", "simultaneous-open"),
     ("apdm-sequential", "eim-apdf", "port-prediction"),
     ("eim-apdf-rst", "adm-adf-sequential", "port-prediction"),
+    ("apdm-sequential", "apdm-sequential", "port-prediction"),  # both sides predicted
     ("apdm-random", "eim-apdf", "birthday"),
 ]
 
@@ -100,6 +101,7 @@ AUTO_CASES = [
     ("eim-apdf", "eim-apdf-rst", "crafted-handshake"),
     ("eim-apdf-random", "eim-apdf", "birthday"),  # random ports seen, mapping unknown: guess
     ("apdm-sequential", "eim-apdf", "port-prediction"),
+    ("adm-adf-sequential", "apdm-sequential", "port-prediction"),
     ("eim-apdf-rst", "apdm-random", "birthday"),
 ]
 
@@ -142,3 +144,19 @@ def test_auto_takes_the_cached_probe_result_into_account(_own_probe_cache: Path)
     assert own["allocation"] == "random"  # from the discoveries: the probe did not say
     for run in runs.values():
         assert winner(run) == "crafted-handshake"
+
+
+def test_auto_falls_back_when_its_first_choice_fails() -> None:
+    """eim-apdf-random shows random ports, so auto starts with birthday; a budget of 2 SYNs makes that fail
+    (success 1 in 64512). The NAT maps endpoint-independently, so the next strategy of the cascade, the
+    crafted handshake, connects at attempt 1's GO."""
+    (runs,) = punch("eim-apdf-random", "eim-apdf", "auto", args=("--syn-budget", "2"))
+    for run in runs.values():
+        tried = attempts(run)
+        assert [(a["strategy"], str(a["outcome"]).split(":")[0]) for a in tried] == [
+            ("birthday", "failed"),
+            ("crafted-handshake", "connected"),
+        ]
+        assert winner(run) == "crafted-handshake"
+        guessed = run.event("birthday")
+        assert guessed is not None and guessed["probability"] < 0.001

@@ -111,6 +111,7 @@ AUTO_CASES = {
     "eim with random ports x eim": (truth("eim-apdf-random"), truth("eim-apdf"), "crafted-handshake", 0),
     "random x random": (truth("apdm-random"), RANDOM_QUICK, "crafted-handshake", 0),
     "sequential without delta": (NatBehaviour(allocation="sequential"), UNKNOWN, "crafted-handshake", 0),
+    "sequential x sequential": (truth("apdm-sequential", 1), SEQUENTIAL_QUICK, "port-prediction", 0),
 }
 
 
@@ -222,7 +223,7 @@ def test_port_prediction_through_a_sequential_nat_model(next_port: int) -> None:
     assert (quick.allocation, quick.allocation_delta) == ("sequential", 1)
     primer, own = discover(primer, [Q], 0.0)
     p = plan.port_prediction(
-        "primer", Q, Endpoint(S_PUB, seen[0].public.port), seen[-1].public.port, 1, 2, 0.01
+        "primer", Q, plan.Prediction(S_PUB, seen[-1].public.port, 1), own[0].public, 2, 0.01
     )
     connector_lan = Endpoint(S_LAN, 41003)
     primer, connector, ok = kernel_handshake(
@@ -237,7 +238,11 @@ def test_port_prediction_through_a_sequential_nat_model(next_port: int) -> None:
 def test_without_priming_or_with_a_wrong_delta_the_sequential_nat_keeps_the_connector_out() -> None:
     for targets_of in (
         lambda last: (),
-        lambda last: plan.port_prediction("primer", Q, Endpoint(S_PUB, 1), last, 5, 2, 0.01).targets,
+        lambda last: (
+            plan.port_prediction(
+                "primer", Q, plan.Prediction(S_PUB, last, 5), Endpoint(E_PUB, Q), 2, 0.01
+            ).targets
+        ),
     ):
         primer, connector = nats("apdm-sequential", next_port=2000)
         connector, seen = discover(connector, [41000, 41001, 41002], 0.0)
@@ -252,6 +257,43 @@ def test_without_priming_or_with_a_wrong_delta_the_sequential_nat_keeps_the_conn
             1.0,
         )
         assert not ok
+
+
+@pytest.mark.parametrize("double", [True, False])
+def test_between_two_sequential_nats_the_k_th_syns_name_each_others_k_th_mapping(double: bool) -> None:
+    """Both NATs allocate sequentially: the primer's k-th priming SYN gets its NAT's k-th next port, aimed at
+    the connector's k-th predicted port, and the connector aims its k-th SYN at the primer's k-th predicted
+    port. Without predicting the primer too (aiming at its discovered endpoint) nothing gets in."""
+    primer_nat = Nat(E_PUB, "10.0.2.1", get_profile("apdm-sequential"), next_port=5000)
+    connector_nat = Nat(S_PUB, "10.0.1.1", get_profile("apdm-sequential"), next_port=30000)
+    primer_nat, primer_seen = discover(primer_nat, [40001, 40002, Q], 0.0)
+    connector_nat, connector_seen = discover(connector_nat, [41000, 41001, 41002], 0.0)
+    connector = plan.Prediction(S_PUB, connector_seen[-1].public.port, 1)
+    primer_next = plan.Prediction(E_PUB, primer_seen[-1].public.port, 1)
+    aim = primer_next if double else primer_seen[-1].public
+    primes = plan.port_prediction("primer", Q, connector, aim, 2, 0.01)
+    dials = plan.port_prediction("connector", 41003, connector, aim, 2, 0.01)
+    assert dials.retry is not double
+    for target in primes.targets:
+        primer_nat, verdict = natmodel.outbound(
+            primer_nat, syn(Endpoint(E_LAN, Q), target, E_ISN, ttl=2), 0.1
+        )
+        assert isinstance(verdict, Forward)
+    passed = []
+    for target in dials.targets:
+        connector_nat, out = natmodel.outbound(connector_nat, syn(Endpoint(S_LAN, 41003), target, S_ISN), 0.2)
+        assert isinstance(out, Forward) and isinstance(out.item, Segment)
+        primer_nat, into = natmodel.inbound(primer_nat, out.item, 0.3)
+        passed.append(isinstance(into, Forward) and into.item.dst == Endpoint(E_LAN, Q))
+        if passed[-1] and len(passed) == 1:  # the kernel's SYN-ACK of the first pair gets back in too
+            synack = Segment(
+                Endpoint(E_LAN, Q), out.item.src, seq=E_ISN, ack=S_ISN + 1, flags=Flags.SYN | Flags.ACK
+            )
+            primer_nat, back = natmodel.outbound(primer_nat, synack, 0.4)
+            assert isinstance(back, Forward) and isinstance(back.item, Segment)
+            connector_nat, home = natmodel.inbound(connector_nat, back.item, 0.5)
+            assert isinstance(home, Forward) and home.item.dst == Endpoint(S_LAN, 41003)
+    assert passed == ([True] * plan.PREDICTION_WINDOW if double else [False])
 
 
 @pytest.mark.parametrize(
@@ -270,8 +312,10 @@ def test_predicted_ports_step_by_delta_and_wrap_in_the_range(
 
 
 def test_the_connector_waits_for_the_primers_window() -> None:
-    primer = plan.port_prediction("primer", Q, Endpoint(S_PUB, 1), 1030, 1, 2, 0.04)
-    connector = plan.port_prediction("connector", 41003, Endpoint(E_PUB, Q), 0, 0, 2, 0.04)
+    predicted = plan.Prediction(S_PUB, 1030, 1)
+    primer = plan.port_prediction("primer", Q, predicted, Endpoint(E_PUB, Q), 2, 0.04)
+    connector = plan.port_prediction("connector", 41003, predicted, Endpoint(E_PUB, Q), 2, 0.04)
+    assert connector.targets == (Endpoint(E_PUB, Q),)
     assert (primer.role, primer.ttl, primer.lead, len(primer.targets)) == (
         "primer",
         2,
