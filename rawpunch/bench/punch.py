@@ -10,9 +10,10 @@ command, so interpreter start-up is never timed. Everything stays inside the lab
 with every process in it is gone on every exit path.
 
 time to connect
-    N punches, each with a fresh session secret. Per peer, the ``connected`` event's ``elapsed_ms`` (from
-    the moment the rendezvous paired the two, i.e. both registered and exchanged, to the authenticated
-    socket) and ``phases_ms``; per punch the later of the two peers. The agent also timestamps every event
+    N punches (``--strategy crafted-handshake``), each with a fresh session secret. Per peer, the
+    ``connected`` event's ``elapsed_ms`` (from the server's both-registered instant, placed on the peer's
+    clock by the PEER message's PAIRED_US and half the RTT, to the authenticated socket) and ``phases_ms``;
+    per punch the later of the two peers. The agent also timestamps every event
     as it arrives, which splits the time into: paired -> GO (firewall guard applied, READY/GO round trip,
     the server's GO delay), GO -> engine connected (priming SYN, ``syn_delay``, SYN/SYN-ACK/ACK), and engine
     connected -> ``connected`` (TCP_REPAIR splice, waiting for the peer's splice, removing the capture rule,
@@ -121,6 +122,7 @@ class Agent:
             Endpoint.parse(cmd["server"]),
             cmd["secret"],
             peer_timeout=30.0,
+            strategy="crafted-handshake",  # the goal is the crafted punch; auto adds discoveries
             on_event=lambda record: seen.append((time.monotonic(), record)),
         )
         try:
@@ -562,8 +564,9 @@ def _range(transfers: Sequence[Transfer]) -> str:
 _METHOD = (
     "- Method (`scripts/bench-punch`): `two_nats(hops=2)` lab, no added latency (this kernel has no netem), "
     "`rawpunch server` in `server`, one long-lived agent per peer node (interpreter start-up is not timed), "
-    "each punch with a fresh session secret. Time: the `connected` event's `elapsed_ms` (from the "
-    "rendezvous pairing both peers to the authenticated socket), the later peer per punch, split by event "
+    "each punch with a fresh session secret, strategy crafted-handshake. Time: the `connected` event's "
+    "`elapsed_ms` (from the server's both-registered instant to the authenticated socket; the second peer's "
+    "TCP discovery and the info exchange count), the later peer per punch, split by event "
     "arrival times. Floor: 1.5 x median ICMP RTT a -> server + 1.5 x median ICMP RTT a -> nat-b's public "
     "address, which forwards echo requests to b (the peer path). Throughput: see the baseline line."
 )

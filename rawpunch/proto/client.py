@@ -76,6 +76,8 @@ class PeerFound:
     udp: Endpoint
     tcp: tuple[TcpMapping, ...]
     info: PeerInfo
+    paired_age: float | None = None
+    """Seconds between the second peer's registration and this PEER leaving the server (server clock)."""
 
 
 @dataclass(frozen=True)
@@ -377,7 +379,14 @@ class ClientCore:
         except (SealError, MalformedMessage) as exc:
             self._fail(f"could not read the peer's info: {exc}")
             return
-        found = PeerFound(slot, msg.get(Attr.PEER_UDP), tuple(msg.get_all(Attr.PEER_TCP)), info)
+        age = msg.get(Attr.PAIRED_US)
+        found = PeerFound(
+            slot,
+            msg.get(Attr.PEER_UDP),
+            tuple(msg.get_all(Attr.PEER_TCP)),
+            info,
+            None if age is None else age / 1_000_000,
+        )
         self._finish(ClientState.PAIRED, found)
 
     def _on_go(self, msg: Message, now: float) -> None:

@@ -94,6 +94,7 @@ class Attr(enum.IntEnum):
     PROBE_BUDGET = 0x0015
     REACTION = 0x0016
     ATTEMPT = 0x0020  # apart from the probe's block: which attempt of a strategy cascade
+    PAIRED_US = 0x0021
 
 
 class ErrorCode(enum.IntEnum):
@@ -381,6 +382,12 @@ ATTRIBUTES: dict[Attr, AttributeSpec] = {
             "which attempt of the strategy cascade READY/GO is for (absent: 0); GO echoes it",
             "attempt (1)",
         ),
+        AttributeSpec(
+            Attr.PAIRED_US,
+            *_u32,
+            "microseconds since the session's second peer registered, when this PEER left the server",
+            "us (4)",
+        ),
         # The NAT probe (rawpunch.probe; PROBE / PROBE_ACK).
         AttributeSpec(Attr.PROBE_KIND, *_u8, f"what a PROBE asks for: {_names(ProbeKind)}", "kind (1)"),
         AttributeSpec(
@@ -463,8 +470,8 @@ MESSAGES: dict[MessageType, MessageSpec] = {
             MessageType.PEER,
             False,
             {A.SLOT, A.PEER_UDP, A.SEALED},
-            {A.PEER_TCP},
-            "the peer: server-observed endpoints and its sealed info",
+            {A.PEER_TCP, A.PAIRED_US},
+            "the peer: server-observed endpoints, its sealed info, and how long ago both had registered",
         ),
         _spec(
             MessageType.READY,

@@ -157,7 +157,7 @@ class Peer:
 
 
 class Session:
-    __slots__ = ("created", "fire_at", "go_attempt", "key", "peers", "sid")
+    __slots__ = ("created", "fire_at", "go_attempt", "key", "paired", "peers", "sid")
 
     def __init__(self, sid: bytes, now: float) -> None:
         self.sid = sid
@@ -166,6 +166,7 @@ class Session:
         self.created = now
         self.fire_at: float | None = None  # when both punches should leave, once GO was decided
         self.go_attempt: int | None = None  # the attempt fire_at belongs to
+        self.paired: float | None = None  # when the second peer registered: where elapsed_ms starts
 
     def other(self, peer: Peer) -> Peer | None:
         return self.peers[1 - peer.slot]
@@ -425,6 +426,7 @@ class ServerCore:
         peer = Peer(free[0], addr, instance, age, now)
         self._add_peer(session, peer)
         other = session.other(peer)
+        session.paired = now if other is not None else None
         log.info(
             "register session=%s slot=%d from %s rtt=%.1f ms%s",
             _sid(session),
@@ -442,11 +444,19 @@ class ServerCore:
 
     def _remove_peer(self, session: Session, peer: Peer) -> None:
         session.peers[peer.slot] = None
-        session.fire_at = session.go_attempt = None
+        session.fire_at = session.go_attempt = session.paired = None
         self._tokens.pop(peer.token, None)
         self.peers_per_source[peer.addr[0]] -= 1
         if self.peers_per_source[peer.addr[0]] <= 0:
             del self.peers_per_source[peer.addr[0]]
+        self._forget_unsolicited(peer)
+
+    def _forget_unsolicited(self, peer: Peer) -> None:
+        """Drop *peer*'s unsolicited-SYN entry (keeps the state bounded by the live peers); another peer's
+        entry for the same (source, destination) -- a second client behind the same NAT -- stays."""
+        key = peer.probe.unsolicited
+        if key is not None and self._unsolicited.get(key) is peer:
+            del self._unsolicited[key]
 
     # --- requests of registered peers ------------------------------------------------------------
 
@@ -456,10 +466,11 @@ class ServerCore:
         if other is None or other.sealed is None:
             peer.waiting = (MessageType.INFO, msg.transaction_id)
             return [(self._reply(session, msg, MessageType.PENDING, ()), peer.addr)]
-        out = [(self._peer_message(session, msg, other), peer.addr)]
+        out = [(self._peer_message(session, msg, other, now), peer.addr)]
         if _polls(other, MessageType.INFO):
             log.info("paired session=%s: peer info exchanged", _sid(session))
-            out.append((self._push(session, other, MessageType.PEER, self._peer_attrs(peer)), other.addr))
+            attrs = self._peer_attrs(session, peer, now)
+            out.append((self._push(session, other, MessageType.PEER, attrs), other.addr))
         return out
 
     def _ready(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
@@ -536,8 +547,7 @@ class ServerCore:
                 raise _ProbeRefused(ErrorCode.BAD_REQUEST, "UNSOLICITED needs a TARGET_PORT")
             syn = CraftedSyn(Endpoint(main, port), Endpoint(peer.addr[0], target))
             self._spend(peer, [syn], now)
-            if peer.probe.unsolicited is not None:
-                self._unsolicited.pop(peer.probe.unsolicited, None)
+            self._forget_unsolicited(peer)
             peer.probe.unsolicited, peer.probe.reaction = (syn.src, syn.dst), Reaction.NONE
             self._unsolicited[(syn.src, syn.dst)] = peer
             return ((Attr.PROBE_FROM, syn.src),)
@@ -579,13 +589,16 @@ class ServerCore:
 
     # --- building replies ------------------------------------------------------------------------
 
-    def _peer_attrs(self, of: Peer) -> tuple[tuple[Attr, codec.AttrValue], ...]:
+    def _peer_attrs(self, session: Session, of: Peer, now: float) -> tuple[tuple[Attr, codec.AttrValue], ...]:
         assert of.sealed is not None
         tcp = tuple((Attr.PEER_TCP, TcpMapping(port, ep)) for port, ep in of.tcp.items())
-        return ((Attr.SLOT, of.slot), (Attr.PEER_UDP, Endpoint(*of.addr)), *tcp, (Attr.SEALED, of.sealed))
+        # A duration measured on the server's clock, never a timestamp: the peers' clocks are not compared.
+        paired = () if session.paired is None else ((Attr.PAIRED_US, _micros(now - session.paired)),)
+        head = ((Attr.SLOT, of.slot), (Attr.PEER_UDP, Endpoint(*of.addr)))
+        return (*head, *tcp, (Attr.SEALED, of.sealed), *paired)
 
-    def _peer_message(self, session: Session, msg: Message, of: Peer) -> bytes:
-        return self._reply(session, msg, MessageType.PEER, self._peer_attrs(of))
+    def _peer_message(self, session: Session, msg: Message, of: Peer, now: float) -> bytes:
+        return self._reply(session, msg, MessageType.PEER, self._peer_attrs(session, of, now))
 
     def _go_attrs(self, session: Session, peer: Peer, now: float) -> tuple[tuple[Attr, codec.AttrValue], ...]:
         assert session.fire_at is not None
@@ -661,3 +674,7 @@ def _fmt(addr: Addr) -> str:
 
 
 __all__ = ["AuthenticationError", "CraftedSyn", "ServerConfig", "ServerCore"]
+
+
+def _micros(seconds: float) -> int:
+    return min(max(0, round(seconds * 1_000_000)), 0xFFFFFFFF)

@@ -160,6 +160,7 @@ async def punch(settings: PunchSettings) -> PunchResult:
         finally:
             path.cancel()
         paired_at = time.monotonic()
+        both_registered = _both_registered(paired_at, found.paired_age, client.core.rtt)
         try:
             me, peer = runner.views(reg.slot, info, mappings, found)
         except AttemptFailed as exc:
@@ -209,7 +210,7 @@ async def punch(settings: PunchSettings) -> PunchResult:
         del clock.marks["attempts"]
         clock.marks.update(ctx.timings)
         clock.marks["earlier_attempts"] = round((ctx.started - paired_at) * 1000, 2)
-        elapsed = (clock.usable_at - paired_at) * 1000
+        elapsed = (clock.usable_at - both_registered) * 1000
         clock.marks["total"] = round((time.monotonic() - clock.start) * 1000, 2)
         name = names[ctx.attempt]
         peer_seen = Endpoint(*sock.getpeername()[:2])  # a guessed or predicted port: not the discovered one
@@ -227,6 +228,15 @@ async def punch(settings: PunchSettings) -> PunchResult:
         )
         await _report(client, ResultCode.CONNECTED, paired_at, name)
         return PunchResult(sock, ctx.local, peer_seen, name, clock.marks)
+
+
+def _both_registered(paired_at: float, paired_age: float | None, rtt: float | None) -> float:
+    """Our monotonic time of the server's both-registered instant: the PEER message says how long before it
+    left the server that was (server clock), and it took about half a round trip to reach us. A server
+    without that field: the PEER's arrival (later, so ``elapsed_ms`` comes out shorter)."""
+    if paired_age is None:
+        return paired_at
+    return paired_at - paired_age - (rtt or 0.0) / 2
 
 
 async def punch_and_splice(ctx: AttemptContext, config: PunchConfig) -> socket.socket:

@@ -134,6 +134,7 @@ ATTRIBUTE_VALUES: dict[Attr, st.SearchStrategy[Any]] = {
     Attr.PROBE_BUDGET: st.integers(0, 0xFF),
     Attr.REACTION: st.integers(0, 0xFF),
     Attr.ATTEMPT: st.integers(0, 0xFF),
+    Attr.PAIRED_US: st.integers(0, 0xFFFFFFFF),
 }
 
 

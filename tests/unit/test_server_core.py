@@ -320,12 +320,14 @@ def test_first_info_waits_and_the_peer_is_pushed_to_its_latest_poll() -> None:
         (Attr.PEER_UDP, Endpoint(*A_ADDR)),
         (Attr.PEER_TCP, TcpMapping(5000, Endpoint("203.0.113.10", 45000))),
         (Attr.SEALED, a.sealed),
+        (Attr.PAIRED_US, round((3.5 - RTT) * 1e6)),  # b's REGISTER arrived at T0 + RTT: both registered
     )
     assert to_a.attributes == (
         (Attr.SLOT, 1),
         (Attr.PEER_UDP, Endpoint(*B_ADDR)),
         (Attr.PEER_TCP, TcpMapping(6000, Endpoint("2001:db8::20", 56000))),
         (Attr.SEALED, b.sealed),
+        (Attr.PAIRED_US, round((3.5 - RTT) * 1e6)),  # b's REGISTER arrived at T0 + RTT: both registered
     )
 
 
@@ -877,6 +879,23 @@ def test_two_clients_pair_through_the_server() -> None:
     ]
     results = [p.result for p in run.server.sessions[KEYS.session_id].peers if p is not None]
     assert [r.code for r in results if r is not None] == [ResultCode.CONNECTED] * 2
+
+
+def test_each_peer_places_the_both_registered_instant_from_its_peer_message() -> None:
+    """PEER says how long ago (server clock) the second peer registered; minus half the peer's RTT for the
+    way to it, each peer finds that instant on its own clock, with no wall clock compared."""
+    from rawpunch.punch.session import _both_registered  # noqa: PLC0415
+
+    run = Rendezvous(owd=(0.010, 0.040))
+    run.run()
+    paired = run.server.sessions[KEYS.session_id].paired
+    assert paired is not None
+    for app in run.apps:
+        ((received, found),) = [(t, e) for t, e in app.events if isinstance(e, PeerFound)]
+        assert found.paired_age is not None and found.paired_age > 0
+        estimate = _both_registered(received, found.paired_age, app.core.rtt)
+        assert estimate == pytest.approx(paired, abs=1e-5), app.name  # symmetric links: exact to the us
+        assert _both_registered(received, None, app.core.rtt) == received  # an old server: PEER's arrival
 
 
 @pytest.mark.parametrize("seed", range(6))
