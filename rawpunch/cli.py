@@ -52,6 +52,13 @@ def _ipv4(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a numeric IPv4 address") from None
 
 
+def _port(text: str) -> int:
+    """A fixed TCP port: 0 (any) would give the two probe listeners two different ports."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 1 to 65535")
+    return int(text)
+
+
 def _add_server(sub: Any) -> None:
     p = sub.add_parser(
         "server",
@@ -79,7 +86,7 @@ def _add_server(sub: Any) -> None:
     )
     p.add_argument(
         "--probe-port",
-        type=int,
+        type=_port,
         default=None,
         help="the probe's second TCP port, on both addresses (default: the TCP port + 1)",
     )

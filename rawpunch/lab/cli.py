@@ -27,11 +27,12 @@ def add_lab_parser(subparsers: Any) -> None:
         "lab",
         help="network-namespace NAT lab",
         description="Network-namespace NAT lab: profiles, their self-test, persistent labs to work in "
-        "(up, run, shell, down), and clean-up.",
+        "(up, run, shell, down), the NAT x NAT matrix, clean-up, and `router`, the command of every "
+        "docker-compose container (lab/compose/).",
     )
     lab.set_defaults(func=run_lab)
     sub = lab.add_subparsers(
-        dest="lab_command", required=True, metavar="{up,down,run,shell,list,clean,selftest,matrix}"
+        dest="lab_command", required=True, metavar="{up,down,run,shell,list,clean,selftest,matrix,router}"
     )
     clean = sub.add_parser(
         "clean",

@@ -16,7 +16,7 @@ lab has; netns.py builds that in network namespaces, this module writes it as a 
   even that address on the host's bridge, so no container can reach the host over IP;
 * rawpunch itself is not in the image: the checkout (``$RAWPUNCH_ROOT``, with its ``.venv``) and the
   venv's base interpreter (``$RAWPUNCH_PYTHON_HOME``) are bind-mounted read-only at their host paths, so
-  the venv works unchanged inside (``python -m rawpunch.lab.compose env`` prints both).
+  the venv works unchanged inside (``python -m rawpunch.lab.compose --env`` prints both).
 
 The format is compose file version 2.4, which Debian's ``docker-compose`` 1.29 and ``docker compose`` v2
 both accept (static addresses and ipam ``gateway`` are 2.x/3.x features; ``sysctls``, ``init`` and
@@ -87,8 +87,12 @@ def family_topology(family: str) -> Topology:
 
 def docker_gateway(subnet: IPv4Network, used: set[IPv4Address]) -> IPv4Address:
     """The address docker's IPAM gets for its bridge: the last usable one, which must be free."""
+    if subnet.prefixlen > 29:
+        raise ValueError(
+            f"subnet {subnet}: a compose link needs a /29 or larger (two ends and docker's gateway)"
+        )
     gateway = subnet.broadcast_address - 1
-    if gateway in used or subnet.prefixlen > 29:
+    if gateway in used:
         raise ValueError(
             f"subnet {subnet}: docker needs a free address for its gateway and {gateway} is taken "
             "(keep the last usable address of every link free)"
@@ -304,10 +308,8 @@ class ComposeLab:
         if name not in self._containers:
             labels = [f"com.docker.compose.project={self.project}", f"com.docker.compose.service={name}"]
             filters = [arg for label in labels for arg in ("--filter", f"label={label}")]
-            argv = ["docker", "ps", "--all", "--quiet", *filters]  # --all: an exited one too (its logs)
-            found = subprocess.run(
-                argv, capture_output=True, text=True, timeout=30, env=self.env, check=True
-            ).stdout.split()
+            # --all: an exited container too (its logs say why it exited)
+            found = self._docker("ps", "--all", "--quiet", *filters, check=True).stdout.split()
             if not found:
                 raise KeyError(f"no container for node {name!r} in compose project {self.project}")
             self._containers[name] = found[0]
@@ -317,15 +319,14 @@ class ComposeLab:
         self.topology.node(name)
         return ComposeNode(self, name)
 
-    def logs(self, name: str) -> str:
-        result = subprocess.run(
-            ["docker", "logs", self.container(name)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=self.env,
-            check=False,
+    def _docker(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """One ``docker`` CLI call against this lab's daemon (``DOCKER_HOST`` in ``env``)."""
+        return subprocess.run(
+            ["docker", *args], capture_output=True, text=True, timeout=30, env=self.env, check=check
         )
+
+    def logs(self, name: str) -> str:
+        result = self._docker("logs", self.container(name))
         return result.stdout + result.stderr
 
     def _await_ready(self) -> None:
@@ -343,14 +344,7 @@ class ComposeLab:
                 time.sleep(0.2)  # polling docker logs: there is no event for "printed a line"
 
     def _running(self, name: str) -> bool:
-        state = subprocess.run(
-            ["docker", "inspect", "-f", "{{.State.Running}}", self.container(name)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=self.env,
-            check=False,
-        )
+        state = self._docker("inspect", "-f", "{{.State.Running}}", self.container(name))
         return state.stdout.strip() == "true"
 
     def close(self) -> None:

@@ -15,13 +15,10 @@ from typing import Any
 
 from rawpunch.lab.impair import MAX_DELAY_MS, Impairment
 from rawpunch.lab.profiles import PROFILES
-from rawpunch.lab.topology import MAX_HOPS, Topology, two_nats
+from rawpunch.lab.topology import DEFAULT_HOPS, DEFAULT_PROFILE, MAX_HOPS, Topology, two_nats
 
 #: Lab names become run ids, i.e. part of namespace names ``rp-<name>-<node>`` (netns.Lab's rule).
 NAME_RE = re.compile(r"^[0-9a-z]{1,12}$")
-#: The built-in demo's lab (scripts/demo): eim-apdf on both sides, two core routers.
-DEFAULT_PROFILE = "eim-apdf"
-DEFAULT_HOPS = 2
 #: Marks a registry record as a ``lab up`` lab (the other records belong to tests, demos, self-tests).
 KIND = "lab-up"
 

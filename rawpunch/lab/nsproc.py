@@ -135,18 +135,29 @@ def remove_netns(name: str) -> bool:
     return not (NETNS_DIR / name).exists()
 
 
-def proc_start_time(pid: int) -> int | None:
-    """Start time of *pid* in clock ticks since boot (field 22 of /proc/<pid>/stat), or None if it is gone.
-
-    A pid alone does not identify a process (pids are reused); pid plus start time does.
-    """
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3 and on of /proc/<pid>/stat (proc(5)), or None if the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Start time of *pid* in clock ticks since boot (field 22 of /proc/<pid>/stat), or None if it is gone.
+
+    A pid alone does not identify a process (pids are reused); pid plus start time does.
+    """
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def proc_exited(pid: int) -> bool:
+    """*pid* is gone or a zombie (state Z or X, field 3): it runs nothing and cleans up nothing any more."""
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] in ("Z", "X")
 
 
 def run_in_netns(netns: str, fn: Callable[..., T], args: tuple[Any, ...], timeout: float) -> T:

@@ -61,6 +61,10 @@ SERVER_ALT_NET = IPv4Network("198.51.100.192/29")
 SERVER_ALT_ADDR = IPv4Address("198.51.100.194")
 #: The core links of two_nats are /29s carved from 198.51.100.0/25: hops + 1 of them must fit.
 MAX_HOPS = 2 ** (CORE_LINK_PREFIX - CORE_NET.prefixlen) - 1
+#: two_nats' defaults, the lab of scripts/demo and ``rawpunch lab up``: a Linux MASQUERADE NAT on each side
+#: and two core routers, so that a TTL-2 priming SYN passes its NAT and dies before the other one.
+DEFAULT_PROFILE = "eim-apdf"
+DEFAULT_HOPS = 2
 #: The vantage hosts of the NAT self-test, on the middle router (two different public addresses).
 PROBES: tuple[str, ...] = ("probe1", "probe2")
 PROBE_NETS: tuple[IPv4Network, ...] = (IPv4Network("198.51.100.128/29"), IPv4Network("198.51.100.136/29"))
@@ -420,9 +424,9 @@ def _side(side: str, profile_name: str) -> tuple[list[Node], list[Link]]:
 
 
 def two_nats(
-    hops: int = 2,
-    profile_a: str = "eim-apdf",
-    profile_b: str = "eim-apdf",
+    hops: int = DEFAULT_HOPS,
+    profile_a: str = DEFAULT_PROFILE,
+    profile_b: str = DEFAULT_PROFILE,
     *,
     probes: bool = False,
     impairment: Impairment | None = None,

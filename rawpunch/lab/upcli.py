@@ -12,8 +12,9 @@ import json
 import sys
 from typing import Any
 
-from rawpunch.lab.labspec import DEFAULT_HOPS, DEFAULT_PROFILE, LabSpec, format_lab
+from rawpunch.lab.labspec import LabSpec, format_lab
 from rawpunch.lab.nsproc import NeedsRootError
+from rawpunch.lab.topology import DEFAULT_HOPS, DEFAULT_PROFILE
 
 COMMANDS = ("up", "down", "run", "shell")
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_ROOT = 1, 2, 3
@@ -114,8 +115,8 @@ def run_up_command(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return EXIT_USAGE
-            persist.exec_in_node(args.name, args.node, argv)
-        persist.exec_shell(args.name, args.node)
+            persist.exec_in_node(args.name, args.node, argv)  # replaces this process
+        persist.exec_shell(args.name, args.node)  # "shell"; replaces this process
     except NeedsRootError as e:
         print(e, file=sys.stderr)
         return EXIT_NOT_ROOT

@@ -20,7 +20,7 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from rawpunch.probe.result import NatBehaviour
 
@@ -46,13 +46,10 @@ def default_gateway(route_table: str) -> str | None:
     return None
 
 
-def _local_address(toward: str) -> str | None:
-    """The source address the kernel picks toward *toward* (a UDP connect sends nothing)."""
+def source_address(toward: str, port: int = 9) -> str:
+    """The source address the kernel picks toward *toward* (a UDP connect sends nothing); OSError if none."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((toward, 9))
-        except OSError:
-            return None
+        s.connect((toward, port))
         return str(s.getsockname()[0])
 
 
@@ -64,7 +61,11 @@ def network_key() -> str | None:
         return None
     if gateway is None:
         return None
-    return f"{gateway}|{_local_address(gateway)}"
+    try:
+        local: str | None = source_address(gateway)
+    except OSError:
+        local = None
+    return f"{gateway}|{local}"
 
 
 def _path(directory: Path | None) -> Path | None:
@@ -84,6 +85,16 @@ def _read(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _fresh(entry: object, now: float) -> TypeGuard[dict[str, Any]]:
+    """An entry younger than LIFETIME (and not from the future); anything malformed is not."""
+    if not isinstance(entry, dict):
+        return False
+    try:
+        return 0 <= now - float(entry.get("stored", 0)) <= LIFETIME
+    except (TypeError, ValueError):
+        return False
+
+
 def load(
     key: str | None = None, now: float | None = None, directory: Path | None = None
 ) -> NatBehaviour | None:
@@ -94,7 +105,7 @@ def load(
         return None
     entry = _read(path).get(key)
     now = time.time() if now is None else now
-    if not isinstance(entry, dict) or not 0 <= now - float(entry.get("stored", 0)) <= LIFETIME:
+    if not _fresh(entry, now):
         return None
     try:
         return NatBehaviour.from_json(entry["behaviour"])
@@ -119,11 +130,7 @@ def store(
 def _write(directory: Path, key: str, behaviour: NatBehaviour, now: float) -> Path:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / FILENAME
-    entries = {
-        k: v
-        for k, v in _read(path).items()
-        if isinstance(v, dict) and 0 <= now - float(v.get("stored", 0)) <= LIFETIME
-    }
+    entries = {k: v for k, v in _read(path).items() if _fresh(v, now)}
     entries[key] = {"stored": now, "behaviour": behaviour.to_json()}
     newest = sorted(entries.items(), key=lambda kv: kv[1]["stored"])[-MAX_ENTRIES:]
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".probe-cache.")

@@ -25,7 +25,7 @@ class NatBehaviour:
     allocation_delta: int | None = None
     """For sequential allocation: the step between consecutive public ports."""
     unsolicited_syn: str = UNKNOWN
-    """drop / rst / icmp / forward (RFC 5382 section 7.1)."""
+    """drop / rst / icmp / forward (RFC 5382 REQ-4)."""
     simultaneous_open: bool | None = None
     """SYN out, then SYN in on the same mapping accepted (RFC 5382 REQ-2)."""
     hops_to_nat: int | None = None

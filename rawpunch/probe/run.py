@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rawpunch.probe import packets
+from rawpunch.probe import cache, packets
 from rawpunch.probe.classify import Observations, classify, priming
 from rawpunch.probe.result import NatBehaviour
 from rawpunch.probe.timers import measure_timers
@@ -46,6 +46,8 @@ MAPPING, FILTER, SIMOPEN, HAIRPIN = 0, 12, 14, 16
 ALLOCATION = (1, 5, 3, 9)
 PORT_SPAN = 24
 STEP_TIMEOUT = 3.0
+#: What a server without the probe part (``--alt-address``) leaves undecided.
+_UNTESTED = "mapping, filtering, unsolicited SYN, simultaneous open and hairpin unknown"
 
 
 class ProbeError(Exception):
@@ -76,16 +78,19 @@ class _Run:
 
 
 def _raw_sockets() -> tuple[socket.socket, RawSender]:
-    try:
-        capture = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-        sender = RawSender()
-    except (PermissionError, RawIOError):
-        raise ProbeError(
-            "rawpunch probe needs root: it captures SYNs and sends crafted ones (sudo)"
-        ) from None
-    capture.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-    packets.attach_filter(capture, packets.SYN_FILTER)  # bare SYNs only: all the probe looks for
-    capture.setblocking(False)
+    """The capture (closed again if anything after its creation fails) and the sender, made last."""
+    with contextlib.ExitStack() as undo:
+        try:
+            capture = undo.enter_context(socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP))
+            capture.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+            packets.attach_filter(capture, packets.SYN_FILTER)  # bare SYNs only: all the probe looks for
+            capture.setblocking(False)
+            sender = RawSender()
+        except (PermissionError, RawIOError):
+            raise ProbeError(
+                "rawpunch probe needs root: it captures SYNs and sends crafted ones (sudo)"
+            ) from None
+        undo.pop_all()
     return capture, sender
 
 
@@ -182,10 +187,13 @@ async def _hello(run: _Run) -> bool:
     except RendezvousError as exc:
         if exc.code is not ErrorCode.NOT_SUPPORTED:
             raise
-        run.notes.append(f"{exc}: filtering, unsolicited SYN, simultaneous open and hairpin unknown")
+        run.notes.append(f"{exc}: {_UNTESTED}")
         return False
     run.alt, run.probe_port = answer.alt_address, answer.probe_port
-    return run.alt is not None and run.probe_port is not None
+    if run.alt is None or run.probe_port is None:
+        run.notes.append(f"the server's PROBE_ACK named no second address or port: {_UNTESTED}")
+        return False
+    return True
 
 
 async def _mapping(run: _Run) -> tuple[Endpoint, Endpoint, Endpoint]:
@@ -241,13 +249,11 @@ def _priming_stops_short(offenders: dict[int, str], ttl: int, server: str) -> bo
 
 
 def _local_address(server: Endpoint) -> str:
-    """The source address toward *server* (a UDP connect sends nothing)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((server.host, server.port))
-        except OSError as exc:
-            raise ProbeError(f"cannot reach the rendezvous server {server}: {exc.strerror}") from None
-        return str(s.getsockname()[0])
+    """The source address toward *server*; ProbeError if there is no route."""
+    try:
+        return cache.source_address(server.host, server.port)
+    except OSError as exc:
+        raise ProbeError(f"cannot reach the rendezvous server {server}: {exc.strerror}") from None
 
 
 async def probe(server: Endpoint, *, timers: bool = False, timer_limit: float = 16.0) -> NatBehaviour:

@@ -1,7 +1,7 @@
-"""``rawpunch probe --timers``: how long the NAT keeps a mapping (RFC 5382 REQ-5 and REQ-6), bounded.
+"""``rawpunch probe --timers``: how long the NAT keeps a mapping (RFC 5382 REQ-5), bounded.
 
-RFC 5382 asks for at least 2 h 4 min for an established connection (REQ-5) and 4 min for a transitory
-one, e.g. SYN_SENT (REQ-6); no probe waits that long. This one checks a short ladder of idle times
+RFC 5382 REQ-5 asks for an idle timeout of at least 2 h 4 min for an established connection and 4 min for
+a transitory one, e.g. SYN_SENT; no probe waits that long. This one checks a short ladder of idle times
 (``WAITS``, up to ``--timer-limit`` seconds), all at once so that the total is the longest wait:
 
 * **syn_sent**: a low-TTL SYN opens a mapping in SYN_SENT (it dies past the NAT, as in the simultaneous

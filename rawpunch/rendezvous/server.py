@@ -36,6 +36,7 @@ PROBE_HOLD = 30.0  # seconds a probe listener keeps a discovered connection open
 PROBE_ECHO_LIMIT = 1024  # bytes echoed per held connection at most
 PROBE_MAX_MAPPINGS = 16  # the probe discovers up to 12 local ports per run
 PROBE_MAX_HELD_PER_SOURCE = 16  # held connections per client address: one source cannot take every slot
+PROBE_MAX_HELD = MAX_TCP_CONNECTIONS // 2  # held connections in all: discovery always keeps half the slots
 
 
 class ServerStartError(Exception):
@@ -93,16 +94,19 @@ class _ProbeIO:
         from rawpunch.punch.rawio import RawIOError, RawSender  # noqa: PLC0415 - scapy only when probing
 
         self.core = core
-        try:
-            self.sender = RawSender()
-            self.captures = [
-                _raw_capture(socket.IPPROTO_TCP, packets.RST_FILTER),
-                _raw_capture(socket.IPPROTO_ICMP, packets.UNREACHABLE_FILTER),
-            ]
-        except (RawIOError, PermissionError):
-            raise ServerStartError(
-                "--alt-address (the NAT probe part) sends crafted SYNs from raw sockets: run as root"
-            ) from None
+        with contextlib.ExitStack() as undo:  # a socket made before a failing one is closed again
+            try:
+                self.sender = RawSender()
+                undo.callback(self.sender.close)
+                self.captures = [
+                    undo.enter_context(_raw_capture(socket.IPPROTO_TCP, packets.RST_FILTER)),
+                    undo.enter_context(_raw_capture(socket.IPPROTO_ICMP, packets.UNREACHABLE_FILTER)),
+                ]
+            except (RawIOError, PermissionError):
+                raise ServerStartError(
+                    "--alt-address (the NAT probe part) sends crafted SYNs from raw sockets: run as root"
+                ) from None
+            undo.pop_all()
         self.loop = asyncio.get_running_loop()
         for sock in self.captures:
             self.loop.add_reader(sock.fileno(), self.drain)
@@ -273,14 +277,8 @@ class RendezvousServer:
                 via = writer.get_extra_info("sockname")[:2] if self.probe is not None else None
                 writer.write(frame(self.core.receive_discovery(data, (peer[0], peer[1]), now, via)))
                 await writer.drain()
-                if hold and self._held[peer[0]] < PROBE_MAX_HELD_PER_SOURCE:
-                    self._held[peer[0]] += 1
-                    try:
-                        await _echo(reader, writer)
-                    finally:
-                        self._held[peer[0]] -= 1
-                        if not self._held[peer[0]]:
-                            del self._held[peer[0]]
+                if hold and self.may_hold(peer[0]):
+                    await self._hold(reader, writer, peer[0])
             except (RemoteProtocolError, TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
                 self.core.stats[f"tcp_dropped_{type(exc).__name__}"] += 1
                 log.debug("tcp discovery from %s dropped: %s", peer, exc or type(exc).__name__)
@@ -288,6 +286,20 @@ class RendezvousServer:
                 writer.close()
                 with contextlib.suppress(ConnectionError):
                     await writer.wait_closed()
+
+    def may_hold(self, source: str) -> bool:
+        """Room for one more held probe connection from *source*: per address and in all (slots are shared
+        with discovery, which must not starve while probes hold connections for up to PROBE_HOLD)."""
+        return self._held[source] < PROBE_MAX_HELD_PER_SOURCE and self._held.total() < PROBE_MAX_HELD
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str) -> None:
+        self._held[source] += 1
+        try:
+            await _echo(reader, writer)
+        finally:
+            self._held[source] -= 1
+            if not self._held[source]:
+                del self._held[source]
 
     async def _on_probe_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._on_tcp(reader, writer, hold=True)

@@ -112,6 +112,8 @@ class Dockerd:
 def _start_dockerd(workdir: Path) -> Dockerd:
     sock = workdir / "docker.sock"
     log = (workdir / "dockerd.log").open("wb")
+    # containerd namespaces must match [A-Za-z0-9]+([._-][A-Za-z0-9]+)*; mkdtemp's names may hold "_".
+    tag = "".join(c for c in workdir.name if c.isalnum())
     argv = [
         "dockerd",
         "--iptables=false",
@@ -123,8 +125,8 @@ def _start_dockerd(workdir: Path) -> Dockerd:
         f"--exec-root={workdir / 'exec'}",
         f"--pidfile={workdir / 'dockerd.pid'}",
         f"--host=unix://{sock}",
-        f"--containerd-namespace=rawpunch-{workdir.name}",
-        f"--containerd-plugins-namespace=rawpunch-{workdir.name}-plugins",
+        f"--containerd-namespace=rawpunch-{tag}",
+        f"--containerd-plugins-namespace=rawpunch-{tag}-plugins",
     ]
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()

@@ -122,9 +122,11 @@ def test_probe_of_an_unreachable_server_fails_with_one_clear_line(lab_factory: A
 
 def test_probe_timers_bracket_the_mapping_lifetimes(lab_factory: Any, tmp_path: Path) -> None:
     lab = lab_factory(two_nats(hops=2, profile_a="eim-apdf", server_alt=True))
-    # conntrack's timeouts are per namespace: a NAT that forgets SYN_SENT and ESTABLISHED after 2 s.
+    # conntrack's timeouts are per namespace: a NAT that forgets SYN_SENT and ESTABLISHED after 3 s. 3 s is
+    # 2 s more than the 1 s wait that must survive (a loaded machine only delays the server's packet); the
+    # 4 s wait must find the entry expired, and any delay only adds to that.
     for state in ("syn_sent", "established"):
-        lab.node("nat-a").run(["sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_tcp_timeout_{state}=2"])
+        lab.node("nat-a").run(["sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_tcp_timeout_{state}=3"])
     result, stderr, _ = _run_probe(lab, tmp_path, "--timers", "--timer-limit", "4")
     timers = result["extra"]["timers"]
     for name in ("syn_sent", "established"):
@@ -132,4 +134,4 @@ def test_probe_timers_bracket_the_mapping_lifetimes(lab_factory: Any, tmp_path: 
         assert timers[name]["alive"] == [True, False], f"{name}: {timers[name]}\n{stderr}"
         assert timers[name]["expired_within_s"] == 4.0
     checklist = {c["req"]: c["status"] for c in result["rfc5382"]}
-    assert (checklist["REQ-5"], checklist["REQ-6"]) == ("fail", "fail")
+    assert (checklist["REQ-5"], checklist["REQ-6"]) == ("fail", "unknown")  # REQ-6 is about ALGs

@@ -76,7 +76,7 @@ def test_docker_gateway_needs_a_free_last_address() -> None:
     assert compose.docker_gateway(subnet, {IPv4Address("198.51.100.1")}) == IPv4Address("198.51.100.6")
     with pytest.raises(ValueError, match="taken"):
         compose.docker_gateway(subnet, {IPv4Address("198.51.100.6")})
-    with pytest.raises(ValueError, match="gateway"):
+    with pytest.raises(ValueError, match="needs a /29 or larger"):
         compose.docker_gateway(IPv4Network("198.51.100.0/30"), set())
 
 

@@ -49,7 +49,16 @@ def test_storing_keeps_other_fresh_networks_and_drops_expired_ones(tmp_path: Pat
     assert not [p for p in tmp_path.iterdir() if p.name != cache.FILENAME]  # no temporary file left
 
 
-@pytest.mark.parametrize("content", ["", "{not json", "[]", '{"192.168.1.1|192.168.1.20": {"stored": 1000}}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        "{not json",
+        "[]",
+        '{"192.168.1.1|192.168.1.20": {"stored": 1000}}',
+        '{"192.168.1.1|192.168.1.20": {"stored": "yesterday"}, "x": {"stored": null}}',
+    ],
+)
 def test_a_damaged_file_reads_as_no_result_and_is_replaced(tmp_path: Path, content: str) -> None:
     (tmp_path / cache.FILENAME).write_text(content)
     assert cache.load(key=HOME, now=1000.0, directory=tmp_path) is None

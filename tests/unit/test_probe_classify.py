@@ -155,13 +155,32 @@ def test_simultaneous_open_is_unknown_where_the_new_flow_gets_a_new_mapping() ->
     assert _checklist(_linux_nat(mapping_seen=(E1, E2, E3)))["REQ-2"] == "unknown"
 
 
-def test_an_immediate_rst_fails_req_4_and_a_short_timer_fails_req_6() -> None:
+def test_an_immediate_rst_fails_req_4_and_a_short_transitory_timer_fails_req_5() -> None:
+    """REQ-5 holds both idle timeouts (RFC 5382 section 8); REQ-6 is about ALGs, which no probe sees."""
     timers = {
         "syn_sent": {"expired_within_s": 16.0},
         "established": {"alive_s": 16.0, "expired_within_s": None},
     }
     checklist = _checklist(_linux_nat(reaction=Reaction.RST, timers=timers))
-    assert (checklist["REQ-4"], checklist["REQ-5"], checklist["REQ-6"]) == ("fail", "unknown", "fail")
+    assert (checklist["REQ-4"], checklist["REQ-5"], checklist["REQ-6"]) == ("fail", "fail", "unknown")
+
+
+@pytest.mark.parametrize(
+    ("established", "syn_sent", "status"),
+    [
+        (None, None, "unknown"),  # survived every wait: the bounded test cannot prove hours
+        (16.0, None, "fail"),  # established expired far below 2 h 4 min
+        (None, 16.0, "fail"),  # SYN_SENT expired below 4 min
+    ],
+)
+def test_req_5_fails_on_either_short_timer_and_never_passes(
+    established: float | None, syn_sent: float | None, status: str
+) -> None:
+    timers = {
+        "established": {"expired_within_s": established},
+        "syn_sent": {"expired_within_s": syn_sent},
+    }
+    assert _checklist(_linux_nat(timers=timers))["REQ-5"] == status
 
 
 def test_without_nat_the_host_endpoint_is_public_and_the_checklist_does_not_apply() -> None:

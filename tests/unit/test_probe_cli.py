@@ -9,7 +9,12 @@ import os
 import pytest
 
 from rawpunch import cli
-from rawpunch.rendezvous.server import RendezvousServer, ServerStartError
+from rawpunch.rendezvous.server import (
+    PROBE_MAX_HELD,
+    PROBE_MAX_HELD_PER_SOURCE,
+    RendezvousServer,
+    ServerStartError,
+)
 
 
 def test_probe_without_root_says_so_and_exits_3(
@@ -55,3 +60,23 @@ def test_a_server_probe_part_without_two_concrete_addresses_is_refused(
 
     with pytest.raises(ServerStartError, match=message):
         asyncio.run(start())
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "x"])
+def test_a_bad_probe_port_is_one_line_naming_the_range(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["server", "--listen", "192.0.2.1:3478", "--alt-address", "192.0.2.2", "--probe-port", port])
+    assert exit_info.value.code == 2
+    assert f"--probe-port: {port!r} is not a port number from 1 to 65535" in capsys.readouterr().err
+
+
+def test_held_probe_connections_are_capped_per_address_and_in_all() -> None:
+    """A held connection keeps a TCP slot for up to PROBE_HOLD: no address, nor many, may take them all."""
+    server = RendezvousServer("192.0.2.1", 3478, alt_address="192.0.2.2")
+    assert server.may_hold("198.51.100.1")
+    server._held["198.51.100.1"] = PROBE_MAX_HELD_PER_SOURCE
+    assert not server.may_hold("198.51.100.1") and server.may_hold("198.51.100.2")
+    server._held["198.51.100.3"] = PROBE_MAX_HELD - PROBE_MAX_HELD_PER_SOURCE - 1  # one below the cap in all
+    assert server.may_hold("198.51.100.2")
+    server._held["198.51.100.3"] += 1
+    assert not server.may_hold("198.51.100.2")

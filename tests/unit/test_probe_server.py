@@ -113,6 +113,17 @@ def test_unsolicited_goes_to_the_validated_address_and_its_answer_is_reported() 
     assert probe(peer, ProbeKind.REACTION, T0 + 4).get(Attr.REACTION) == Reaction.RST
 
 
+def test_an_expired_peer_leaves_no_unsolicited_state_and_a_reaction_for_it_is_ignored() -> None:
+    server = probing_server(peer_idle_timeout=30.0)
+    peer = registered(server)
+    probe(peer, ProbeKind.UNSOLICITED, target_port=1023)
+    assert server.probes_to_send() != []
+    server.expire(T0 + 40)
+    assert server._unsolicited == {}
+    server.receive_reaction((MAIN, P2), (A_ADDR[0], 1023), Reaction.RST)  # late: nobody to tell
+    assert server._unsolicited == {}
+
+
 def test_unsolicited_without_a_target_port_is_refused() -> None:
     server = probing_server()
     reply = probe(registered(server), ProbeKind.UNSOLICITED)
