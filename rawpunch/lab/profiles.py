@@ -16,7 +16,7 @@ A profile states four behaviours, the keys ``rawpunch lab list --json`` prints:
 * **allocation** (RFC 4787 section 4.2): which public port a new mapping gets. *port-preserving*: the LAN port
   when it is free (Linux since 4.19 keeps it and otherwise searches from a random offset); *sequential*: the
   next port after the last one handed out; *random*: a fresh random port per mapping.
-* **unsolicited_syn** (RFC 5382 section 7.1): what the box does with a SYN for which no mapping admits it.
+* **unsolicited_syn** (RFC 5382 section 4.3): what the box does with a SYN for which no mapping admits it.
   RFC 5382 REQ-4 says: stay silent for at least 6 s, then answer ICMP port unreachable (type 3, code 3); many
   boxes drop it (``drop``), answer at once with a RST from their own stack (``rst``, a bare Linux router: its
   stack has no socket on that port) or at once with ICMP (``icmp``). ``forward`` is the no-NAT case: the SYN

@@ -118,7 +118,7 @@ class ProbeKind(enum.IntEnum):
 
 
 class Reaction(enum.IntEnum):
-    """What the server captured in answer to its unsolicited SYN (RFC 5382 section 7.1)."""
+    """What the server captured in answer to its unsolicited SYN (RFC 5382 section 4.3, REQ-4)."""
 
     NONE = 0
     RST = 1

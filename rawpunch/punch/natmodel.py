@@ -22,7 +22,7 @@ What a packet meets, in the order Linux applies it (``net/netfilter/nf_conntrack
 3. **TTL** (``ip_forward``): a forwarded packet that arrives with TTL <= 1 is dropped and answered with ICMP
    time exceeded. A tentative entry dies with it (conntrack confirms entries in POSTROUTING only). Packets for
    the router itself are delivered locally and never expire.
-4. **Unsolicited inbound** (no entry, or INVALID): RFC 5382 section 7.1 REQ-4 says a NAT must not answer an
+4. **Unsolicited inbound** (no entry, or INVALID): RFC 5382 section 4.3 REQ-4 says a NAT must not answer an
    unsolicited SYN for 6 s; the profile decides what the box does: ``drop``, ``rst`` (a bare Linux router's
    stack: RFC 9293 section 3.10.7.1 reset, ``<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`` for a segment
    without ACK, ``<SEQ=SEG.ACK><CTL=RST>`` otherwise), or ``icmp`` (port unreachable).

@@ -3,7 +3,7 @@
 Each peer knows its own NAT (``classify``) and learns the other's from the sealed peer info, so both look up
 the same row of ``CASCADES`` and run the same attempts in the same order; each attempt starts at its own GO
 (``READY``/``GO`` with an ``ATTEMPT`` number, docs/protocol.md). A NAT falls into one of three classes for
-TCP hole punching (RFC 5382 section 5; RFC 4787 sections 4.1, 4.2.1):
+TCP hole punching (RFC 5382 sections 4.1 and 7.1; RFC 4787 sections 4.1, 4.2.1):
 
 * **stable**: the public endpoint the server saw is the one the peer will see -- endpoint-independent
   mapping, or port preservation (or nothing known, which is the common case: try the cheap strategies);

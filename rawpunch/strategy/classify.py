@@ -1,6 +1,6 @@
 """What a peer knows of its NAT: a cached probe result, or a fast classification made while registering.
 
-Fast classification (RFC 4787 section 4.2.1, port assignment; RFC 5382 section 5 for TCP). While registering,
+Fast classification (RFC 4787 section 4.2.1; RFC 5382 section 7.1 for TCP). While registering,
 a peer discovers the public endpoint of ``DISCOVERIES`` local ports, one after the other, each a new TCP flow
 to the same server endpoint, so each needs a new mapping. The public ports tell the allocation:
 
