@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rawpunch.lab.impair import Impairment
 from rawpunch.lab.netns import Lab
 from rawpunch.lab.scenario import PunchRun, punch_peers, start_server
 from rawpunch.lab.topology import two_nats
@@ -32,10 +33,16 @@ def _own_probe_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def punch(
-    profile_a: str, profile_b: str, strategy: str, punches: int = 1, args: tuple[str, ...] = ()
+    profile_a: str,
+    profile_b: str,
+    strategy: str,
+    punches: int = 1,
+    args: tuple[str, ...] = (),
+    impairment: Impairment | None = None,
 ) -> list[dict[str, PunchRun]]:
     results = []
-    with Lab(two_nats(hops=2, profile_a=profile_a, profile_b=profile_b)) as lab:
+    topology = two_nats(hops=2, profile_a=profile_a, profile_b=profile_b, impairment=impairment)
+    with Lab(topology) as lab:
         server = start_server(lab)
         for i in range(punches):
             send = {"a": os.urandom(50_000) + b"from a", "b": os.urandom(70_000) + b"from b"}
@@ -115,6 +122,25 @@ def test_auto_picks_the_strategy_for_the_pair(profile_a: str, profile_b: str, ex
         assert winner(run) == expected
         cascade = run.event("cascade")
         assert cascade is not None and cascade["strategies"][0] == expected
+
+
+IMPAIRED_CASES = [
+    ("apdm-sequential", "eim-apdf", "port-prediction"),
+    ("eim-apdf-rst", "apdm-random", "birthday"),
+    ("eim-apdf", "eim-apdf-rst", "crafted-handshake"),
+]
+
+
+@pytest.mark.parametrize(
+    ("profile_a", "profile_b", "expected"), IMPAIRED_CASES, ids=["-".join(c) for c in IMPAIRED_CASES]
+)
+def test_auto_connects_over_an_impaired_core(profile_a: str, profile_b: str, expected: str) -> None:
+    """The world has delay, jitter and loss: 20 +- 5 ms on the core and 3 % loss, the GO synchronised from
+    measured RTTs. Two punches per pair; auto's first choice must win both."""
+    impairment = Impairment(delay_ms=20, jitter_ms=5, loss=0.03, seed=11)
+    for runs in punch(profile_a, profile_b, "auto", 2, ("--syn-budget", "2000"), impairment):
+        for run in runs.values():
+            assert winner(run) == expected
 
 
 def test_a_failed_attempt_falls_back_to_the_next_strategy_at_a_new_go() -> None:
