@@ -127,19 +127,40 @@ async def punch(settings: PunchSettings) -> PunchResult:
     The strategy (``settings.strategy``; ``auto``: a cascade chosen from both NATs) runs in attempts, each
     from its own GO (``rawpunch.strategy.runner``).
     """
+    from rawpunch.strategy import preload, runner  # noqa: PLC0415 - the strategies import this module
+
+    strategy = runner.check_strategy(settings.strategy)  # before anything goes out: a typo fails at once
+    preload()
+    emit = settings.on_event or (lambda record: None)
+    clock = _Clock()
+    # The traceroute needs only the server's address: it runs while the key is derived (scrypt), while we
+    # register, and while we wait for the peer, instead of after the peer was found.
+    path = asyncio.create_task(_priming_ttl(settings))
+    try:
+        secret = settings.secret
+        keys = (
+            secret if isinstance(secret, SessionKeys) else await asyncio.to_thread(SessionKeys.derive, secret)
+        )
+        return await _meet_and_punch(settings, strategy, keys, emit, clock, path)
+    finally:
+        path.cancel()
+
+
+async def _meet_and_punch(
+    settings: PunchSettings,
+    strategy: str,
+    keys: SessionKeys,
+    emit: EventSink,
+    clock: _Clock,
+    path: asyncio.Task[int],
+) -> PunchResult:
     from rawpunch.strategy import classify, runner  # noqa: PLC0415 - the strategies import this module
     from rawpunch.strategy.base import AttemptFailed  # noqa: PLC0415
 
-    strategy = runner.check_strategy(settings.strategy)  # before anything goes out: a typo fails at once
-    emit = settings.on_event or (lambda record: None)
-    clock = _Clock()
-    keys = (
-        settings.secret if isinstance(settings.secret, SessionKeys) else SessionKeys.derive(settings.secret)
-    )
     async with RendezvousClient(settings.server, keys, peer_timeout=settings.peer_timeout) as client:
         reg = await client.register()
         emit({"event": "registered", "slot": reg.slot, "udp": str(reg.udp), "ms": clock.phase("register")})
-        mappings = await runner.discover(client, settings.local_port, emit)
+        mappings = await runner.discover(client, settings.local_port, emit, runner.discoveries(strategy))
         cached = classify.cached_behaviour()
         known = classify.merge(cached, classify.classify_discoveries(mappings))
         emit(
@@ -153,12 +174,8 @@ async def punch(settings: PunchSettings) -> PunchResult:
         own = _own_options()
         isn = int.from_bytes(os.urandom(4), "big")
         info = runner.own_info(mappings, own, isn, known, strategy)
-        path = asyncio.create_task(_priming_ttl(settings))  # traceroute while the peer comes
-        try:
-            found = await client.exchange(info)
-            ttl = await path
-        finally:
-            path.cancel()
+        found = await client.exchange(info)
+        ttl = await path
         paired_at = time.monotonic()
         both_registered = _both_registered(paired_at, found.paired_age, client.core.rtt)
         try:
@@ -172,6 +189,7 @@ async def punch(settings: PunchSettings) -> PunchResult:
                 "udp": str(found.udp),
                 "tcp": str(peer.public[runner.attempt_port(peer, 0)]),
                 "nat": classify.info_fields(peer.behaviour),
+                "paired_age_ms": None if found.paired_age is None else round(found.paired_age * 1000, 2),
                 "ms": clock.phase("exchange"),
             }
         )
@@ -205,7 +223,7 @@ async def punch(settings: PunchSettings) -> PunchResult:
             why = str(exc) if isinstance(exc, AttemptFailed) else _GAVE_UP.format(settings.deadline)
             await _report(client, ResultCode.FAILED, paired_at, why)
             raise PunchError(why) from None
-        clock.usable_at = time.monotonic()
+        clock.usable_at = ctx.usable_at or time.monotonic()
         clock.phase("attempts")
         del clock.marks["attempts"]
         clock.marks.update(ctx.timings)
@@ -267,6 +285,7 @@ async def punch_and_splice(ctx: AttemptContext, config: PunchConfig) -> socket.s
         # Within the attempt's budget: the peer may have given up and moved on to the next attempt's GO.
         await _authenticate(sock, ctx.keys, ctx.slot, timeout=ctx.remaining())
         mark("authenticate")
+        ctx.usable_at = time.monotonic()
         return sock
     finally:
         guard.remove()  # whatever apply_async got to install; idempotent

@@ -73,6 +73,9 @@ class AttemptContext:
     """``time.monotonic()`` when the attempt began (the runner sets it)."""
     went: bool = False
     """Whether this attempt's GO was taken: one that fails before must still take it, to stay in step."""
+    usable_at: float | None = None
+    """``time.monotonic()`` when the authenticated socket was ready, before the attempt's clean-up (removing
+    the firewall guard takes an iptables-save and -restore, and the socket does not wait for it)."""
 
     @property
     def slot(self) -> int:

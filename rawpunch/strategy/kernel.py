@@ -168,7 +168,8 @@ async def run_plan(p: KernelPlan, ctx: AttemptContext) -> socket.socket:
                 await _authenticate(sock, ctx.keys, ctx.slot, timeout=ctx.remaining())
             except PunchError as exc:
                 raise AttemptFailed(str(exc)) from None
-            ctx.timings["authenticate"] = round((time.monotonic() - started) * 1000 - ctx.timings["punch"], 2)
+            ctx.usable_at = time.monotonic()
+            ctx.timings["authenticate"] = round((ctx.usable_at - started) * 1000 - ctx.timings["punch"], 2)
             dialer.keep(sock)
             return sock
         finally:

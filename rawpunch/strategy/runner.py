@@ -67,10 +67,23 @@ def budget(strategy: str, remaining: float, last: bool) -> float:
     return max(0.0, remaining if last else min(BUDGETS[strategy], remaining))
 
 
-async def discover(client: RendezvousClient, first_port: int, emit: EventSink) -> list[TcpMapping]:
+#: Strategies that need nothing but one public endpoint of one port: run alone, they skip the extra
+#: discoveries (each a TCP round trip to the server after both peers registered, so on the clock).
+SINGLE_PORT = frozenset({"crafted-handshake", "low-ttl-listen", "simultaneous-open"})
+
+
+def discoveries(strategy: str) -> int:
+    """How many local ports to discover: one for a single-port strategy alone, else enough to classify the
+    allocation (auto, port prediction, birthday) and to give each attempt of a cascade a fresh port."""
+    return 1 if strategy in SINGLE_PORT else classify.DISCOVERIES
+
+
+async def discover(
+    client: RendezvousClient, first_port: int, emit: EventSink, count: int = classify.DISCOVERIES
+) -> list[TcpMapping]:
     """Public endpoints of ``first_port`` and fresh ports, one after the other (allocation order)."""
     found = []
-    for i in range(classify.DISCOVERIES):
+    for i in range(count):
         mapping = await client.discover_tcp(first_port if i == 0 else 0)
         found.append(mapping)
         emit(
