@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from rawpunch.proto.client import Go
 from rawpunch.proto.codec import Endpoint, ResultCode, ResultInfo
 from rawpunch.proto.keys import SessionKeys
+from rawpunch.punch import firewall
 from rawpunch.punch.engine import (
     Connected,
     Failed,
@@ -136,14 +137,18 @@ async def punch(settings: PunchSettings) -> PunchResult:
     # The traceroute needs only the server's address: it runs while the key is derived (scrypt), while we
     # register, and while we wait for the peer, instead of after the peer was found.
     path = asyncio.create_task(_priming_ttl(settings))
+    # Root, iptables, the backend and the startup sweep of dead runs' rules: all before the clock runs, so
+    # that a guard later costs one iptables-restore.
+    host = asyncio.create_task(asyncio.to_thread(firewall.prepare_host))
     try:
         secret = settings.secret
         keys = (
             secret if isinstance(secret, SessionKeys) else await asyncio.to_thread(SessionKeys.derive, secret)
         )
-        return await _meet_and_punch(settings, strategy, keys, emit, clock, path)
+        return await _meet_and_punch(settings, strategy, keys, emit, clock, path, host)
     finally:
         path.cancel()
+        host.cancel()
 
 
 async def _meet_and_punch(
@@ -153,6 +158,7 @@ async def _meet_and_punch(
     emit: EventSink,
     clock: _Clock,
     path: asyncio.Task[int],
+    host: asyncio.Task[str],
 ) -> PunchResult:
     from rawpunch.strategy import classify, runner  # noqa: PLC0415 - the strategies import this module
     from rawpunch.strategy.base import AttemptFailed  # noqa: PLC0415
@@ -174,6 +180,7 @@ async def _meet_and_punch(
         own = _own_options()
         isn = int.from_bytes(os.urandom(4), "big")
         info = runner.own_info(mappings, own, isn, known, strategy)
+        await host  # a host that cannot punch says so before the peer is kept waiting
         found = await client.exchange(info)
         ttl = await path
         paired_at = time.monotonic()
