@@ -9,7 +9,12 @@ TCP hole punching (RFC 5382 sections 4.1 and 7.1; RFC 4787 sections 4.1, 4.2.1):
   mapping, or port preservation (or nothing known, which is the common case: try the cheap strategies);
 * **sequential**: each new mapping gets the previous port plus ``delta``: the peer's endpoint can be
   predicted (``port-prediction``; between two sequential NATs both sides' next ports are predicted);
-* **random**: each new mapping gets a random port: only guessing helps (``birthday``).
+* **random**: each new mapping gets a random port and the mapping is known to depend on the remote (a probe
+  said so): only guessing helps (``birthday``);
+* **maybe-stable**: random ports, mapping unknown. The fast classification sees only new ports for new local
+  ports, which an endpoint-independent NAT that does not preserve ports shows too (``eim-apdf-random``, a
+  carrier-grade NAT): its endpoint may well be stable. It is tried as the stable side of port prediction
+  and guessing, which is what works if it is, before the strategies for two random NATs.
 
 The crafted handshake comes first wherever both sides are stable: it works through NATs that answer
 unsolicited SYNs with RST, which kernel simultaneous open may not (FACTS.md). A random NAT facing anything but
@@ -21,14 +26,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from rawpunch.probe.result import NatBehaviour
+from rawpunch.probe.result import UNKNOWN, NatBehaviour
 
-NatClass = Literal["stable", "sequential", "random"]
+NatClass = Literal["stable", "maybe-stable", "sequential", "random"]
+NAT_CLASSES: tuple[NatClass, ...] = ("stable", "maybe-stable", "sequential", "random")  # stable side first
 
 CASCADES: dict[frozenset[NatClass], tuple[str, ...]] = {
     frozenset({"stable"}): ("crafted-handshake", "low-ttl-listen", "simultaneous-open"),
+    frozenset({"stable", "maybe-stable"}): ("birthday", "crafted-handshake"),
     frozenset({"stable", "sequential"}): ("port-prediction", "crafted-handshake"),
     frozenset({"stable", "random"}): ("birthday", "crafted-handshake"),
+    frozenset({"maybe-stable"}): ("crafted-handshake", "birthday"),
+    frozenset({"maybe-stable", "sequential"}): ("port-prediction", "crafted-handshake"),
+    frozenset({"maybe-stable", "random"}): ("birthday", "crafted-handshake"),
     frozenset({"sequential"}): ("port-prediction", "crafted-handshake"),
     frozenset({"sequential", "random"}): ("crafted-handshake", "simultaneous-open"),
     frozenset({"random"}): ("crafted-handshake", "simultaneous-open"),
@@ -41,7 +51,7 @@ def nat_class(b: NatBehaviour) -> NatClass:
     if b.allocation == "sequential" and b.allocation_delta:
         return "sequential"
     if b.allocation == "random":
-        return "random"
+        return "maybe-stable" if b.mapping == UNKNOWN else "random"
     return "stable"
 
 
@@ -51,5 +61,6 @@ def cascade(slot0: NatBehaviour, slot1: NatBehaviour) -> tuple[str, ...]:
 
 
 def stable_side(slot0: NatBehaviour, slot1: NatBehaviour) -> int:
-    """The slot whose public endpoint is predictable as seen (the one that primes); slot 0 on a tie."""
-    return 1 if nat_class(slot0) != "stable" and nat_class(slot1) == "stable" else 0
+    """The slot whose public endpoint is most likely as seen (the one that primes); slot 0 on a tie."""
+    rank = NAT_CLASSES.index
+    return 1 if rank(nat_class(slot1)) < rank(nat_class(slot0)) else 0

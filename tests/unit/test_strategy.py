@@ -109,7 +109,10 @@ AUTO_CASES = {
     "random x eim": (truth("apdm-random"), truth("eim-apdf"), "birthday", 1),
     "eim x random (quick)": (UNKNOWN, RANDOM_QUICK, "birthday", 0),
     "eim with random ports x eim": (truth("eim-apdf-random"), truth("eim-apdf"), "crafted-handshake", 0),
-    "random x random": (truth("apdm-random"), RANDOM_QUICK, "crafted-handshake", 0),
+    "random x random (quick: maybe stable)": (truth("apdm-random"), RANDOM_QUICK, "birthday", 1),
+    "random x random": (truth("apdm-random"), truth("apdm-random"), "crafted-handshake", 0),
+    "random ports x sequential (quick)": (SEQUENTIAL_QUICK, RANDOM_QUICK, "port-prediction", 1),
+    "random ports x random ports (quick)": (RANDOM_QUICK, RANDOM_QUICK, "crafted-handshake", 0),
     "sequential without delta": (NatBehaviour(allocation="sequential"), UNKNOWN, "crafted-handshake", 0),
     "sequential x sequential": (truth("apdm-sequential", 1), SEQUENTIAL_QUICK, "port-prediction", 0),
 }
@@ -131,8 +134,7 @@ def test_both_peers_compute_the_same_cascade() -> None:
     for a, b in itertools.product(behaviours, repeat=2):
         assert auto.cascade(a, b) == auto.cascade(b, a)
     assert set(auto.CASCADES) == {
-        frozenset(pair)
-        for pair in itertools.combinations_with_replacement(("stable", "sequential", "random"), 2)
+        frozenset(pair) for pair in itertools.combinations_with_replacement(auto.NAT_CLASSES, 2)
     }
 
 
