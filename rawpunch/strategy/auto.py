@@ -36,7 +36,8 @@ CASCADES: dict[frozenset[NatClass], tuple[str, ...]] = {
     frozenset({"stable", "maybe-stable"}): ("birthday", "crafted-handshake"),
     frozenset({"stable", "sequential"}): ("port-prediction", "crafted-handshake"),
     frozenset({"stable", "random"}): ("birthday", "crafted-handshake"),
-    frozenset({"maybe-stable"}): ("crafted-handshake", "birthday"),
+    # Either may be the endpoint-independent one (or both): guess with each side as the stable one in turn.
+    frozenset({"maybe-stable"}): ("birthday", "birthday", "crafted-handshake"),
     frozenset({"maybe-stable", "sequential"}): ("port-prediction", "crafted-handshake"),
     frozenset({"maybe-stable", "random"}): ("birthday", "crafted-handshake"),
     frozenset({"sequential"}): ("port-prediction", "crafted-handshake"),
@@ -64,3 +65,9 @@ def stable_side(slot0: NatBehaviour, slot1: NatBehaviour) -> int:
     """The slot whose public endpoint is most likely as seen (the one that primes); slot 0 on a tie."""
     rank = NAT_CLASSES.index
     return 1 if rank(nat_class(slot1)) < rank(nat_class(slot0)) else 0
+
+
+def stable_slot_for(names: tuple[str, ...], attempt: int, stable: int) -> int:
+    """The stable slot for attempt ``attempt``: a strategy's repeat in the cascade swaps the roles."""
+    repeats = names[:attempt].count(names[attempt])
+    return stable if repeats % 2 == 0 else 1 - stable

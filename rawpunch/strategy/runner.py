@@ -182,7 +182,7 @@ async def run_cascade(
             peer_public=peer.public[attempt_port(peer, i)],
             budget=budget(name, remaining, last=i == len(names) - 1),
             emit=emit,
-            stable_slot=stable,
+            stable_slot=auto.stable_slot_for(names, i, stable),
             **common,  # type: ignore[arg-type]
         )
         strategy = get_strategy(name)
