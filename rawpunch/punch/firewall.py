@@ -122,8 +122,8 @@ class PunchFlow:
     """RSTs with at most this TTL pass: the engine's own low-TTL "reopen" RSTs, which expire in the
     core and never reach the peer. The kernel's RSTs leave with the default TTL (64) and are dropped."""
     kernel_sockets: bool = False
-    """The kernel's own sockets make the handshake (``rawpunch.strategy.kernel``): no capture and no RST drop,
-    only the time-exceeded drop, for ICMP about TCP from the local port to any port of the peer's host."""
+    """The kernel's own sockets make the handshake (``rawpunch.strategy.kernel``): no capture; the
+    time-exceeded drop and a RST drop, both for TCP from the local port to any port of the peer's host."""
 
     def __post_init__(self) -> None:
         for what, port in (("local port", self.local_port), ("peer port", self.peer.port)):
@@ -230,6 +230,21 @@ def rst_rule(run_id: str, flow: PunchFlow) -> str:
     )
 
 
+def kernel_rst_rule(run_id: str, flow: PunchFlow) -> str:
+    """Kernel-socket strategies: drop RSTs from the punch port to any port of the peer's host.
+
+    A peer's SYN that arrives before our socket towards its port exists (its guessed or predicted port,
+    or a GO skew) would be answered by our kernel with a RST; through an endpoint-independent filter that
+    RST reaches the peer and aborts its attempt (and closes its NAT's entry). Dropped, the SYN is simply
+    retransmitted and finds our socket then (RFC 9293 section 3.10.7.1 is what the kernel does)."""
+    src = f" -s {flow.local_host}/32" if flow.local_host else ""
+    return (
+        f"-A {chain_name(run_id, 'OUT')}{src} -d {flow.peer.host}/32 -p tcp -m tcp "
+        f"--sport {flow.local_port} --tcp-flags RST RST "
+        f"{_comment(run_id, 'no RST to the peer host while kernel sockets punch')} -j DROP"
+    )
+
+
 def hook_rules(run_id: str) -> list[str]:
     """The jumps from INPUT/OUTPUT into the run's chains, inserted at the top."""
     return [
@@ -242,7 +257,7 @@ def render_apply(run_id: str, flow: PunchFlow) -> str:
     """``iptables-restore --noflush`` input that creates, fills and hooks the run's chains in one commit."""
     in_chain, out_chain = chain_names(run_id)
     if flow.kernel_sockets:
-        rules = [icmp_drop_rule(run_id, flow)]
+        rules = [icmp_drop_rule(run_id, flow), kernel_rst_rule(run_id, flow)]
     else:
         rules = [
             *icmp_capture_rules(run_id, flow),

@@ -136,11 +136,15 @@ IMPAIRED_CASES = [
 )
 def test_auto_connects_over_an_impaired_core(profile_a: str, profile_b: str, expected: str) -> None:
     """The world has delay, jitter and loss: 20 +- 5 ms on the core and 3 % loss, the GO synchronised from
-    measured RTTs. Two punches per pair; auto's first choice must win both."""
+    measured RTTs. Two punches per pair, both connect (the data checked by ``punch``); auto's first choice is
+    the expected strategy, and the winner is one of the cascade (a lost segment may cost the first attempt:
+    the cascade is there for that)."""
     impairment = Impairment(delay_ms=20, jitter_ms=5, loss=0.03, seed=11)
     for runs in punch(profile_a, profile_b, "auto", 2, ("--syn-budget", "2000"), impairment):
         for run in runs.values():
-            assert winner(run) == expected
+            cascade = run.event("cascade")
+            assert cascade is not None and cascade["strategies"][0] == expected
+            assert winner(run) in cascade["strategies"]
 
 
 def test_a_failed_attempt_falls_back_to_the_next_strategy_at_a_new_go() -> None:

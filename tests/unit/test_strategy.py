@@ -469,17 +469,20 @@ def test_peer_command_line_refuses_bad_strategy_options_in_one_line(
     assert error in done.stderr.splitlines()[-1]
 
 
-def test_kernel_socket_strategies_install_only_the_time_exceeded_drop() -> None:
-    """Low-TTL SYNs of kernel sockets: their expiry's ICMP must not abort the socket in SYN-SENT; nothing
-    is queued or held back (the kernel answers its own segments), and any port of the peer's host counts."""
+def test_kernel_socket_strategies_install_the_time_exceeded_and_rst_drops_only() -> None:
+    """Low-TTL SYNs of kernel sockets: their expiry's ICMP must not abort the socket in SYN-SENT, and the
+    kernel's RST to a peer SYN that came before our socket must not abort the peer's; nothing is queued (the
+    kernel answers its own segments), and any port of the peer's host counts."""
     flow = PunchFlow(40000, Endpoint(S_PUB, 1027), 0, kernel_sockets=True)
     text = render_apply("k1", flow)
-    rules = [line for line in text.splitlines() if line.startswith("-A RAWPUNCH-k1-")]
-    assert len(rules) == 1
-    assert "--icmp-type 11" in rules[0] and rules[0].endswith("-j DROP") and "NFQUEUE" not in text
-    assert "@8>>16=0x9C40" in rules[0]  # local port 40000, peer port not compared
-    assert "0x0403" not in rules[0]  # 1027
-    assert '--comment "rawpunch k1' in rules[0]
+    icmp, rst = [line for line in text.splitlines() if line.startswith("-A RAWPUNCH-k1-")]
+    assert "--icmp-type 11" in icmp and icmp.endswith("-j DROP") and "NFQUEUE" not in text
+    assert "@8>>16=0x9C40" in icmp  # local port 40000, peer port not compared
+    assert "0x0403" not in icmp  # 1027
+    assert rst.startswith("-A RAWPUNCH-k1-OUT") and f"-d {S_PUB}/32" in rst and "--sport 40000" in rst
+    assert "--tcp-flags RST RST" in rst and "--dport" not in rst and rst.endswith("-j DROP")
+    for rule in (icmp, rst):
+        assert '--comment "rawpunch k1' in rule
 
 
 def test_a_repeated_strategy_swaps_the_stable_side() -> None:
