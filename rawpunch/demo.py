@@ -36,7 +36,7 @@ def _describe(lab: Lab, name: str, run: PunchRun, expected: bytes) -> bool:
     )
     print(
         f"    connected to {connected['peer']} with {connected['strategy']}, priming TTL "
-        f"{connected['priming_ttl']}, {connected['elapsed_ms']:.1f} ms after pairing"
+        f"{connected['priming_ttl']}, {connected['elapsed_ms']:.1f} ms after both registered"
     )
     print("    phases (ms): " + ", ".join(f"{p} {phases[p]:.1f}" for p in PHASES if p in phases))
     print(f"    received: {run.received.decode(errors='replace').strip()!r}")
