@@ -160,6 +160,12 @@ def proc_exited(pid: int) -> bool:
     return fields is None or fields[0] in ("Z", "X")
 
 
+def process_alive(pid: int, start_time: int) -> bool:
+    """The process that recorded (*pid*, *start_time*) still runs: same pid *and* start time (pids are
+    reused), and not a zombie (pid 1 of a container or a minimal init may never reap it)."""
+    return proc_start_time(pid) == start_time and not proc_exited(pid)
+
+
 def run_in_netns(netns: str, fn: Callable[..., T], args: tuple[Any, ...], timeout: float) -> T:
     """Run ``fn(*args)`` in a forked child that entered *netns*; return its result or re-raise its exception.
 

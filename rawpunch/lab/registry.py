@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rawpunch.lab.nsproc import RUN_DIR, proc_exited, proc_start_time
+from rawpunch.lab.nsproc import RUN_DIR, proc_start_time, process_alive
 
 REGISTRY_DIR = RUN_DIR / "labs"
 
@@ -41,7 +41,7 @@ class RunRecord:
 
     def owner_alive(self) -> bool:
         """True while the process that built the lab still runs (same pid *and* start time, not a zombie)."""
-        return proc_start_time(self.owner_pid) == self.owner_start_time and not proc_exited(self.owner_pid)
+        return process_alive(self.owner_pid, self.owner_start_time)
 
 
 def record_path(run_id: str) -> Path:

@@ -78,7 +78,7 @@ from types import TracebackType
 from typing import Literal
 
 from rawpunch.exitguard import SignalGuard
-from rawpunch.lab.nsproc import RUN_DIR, proc_start_time, run_in_netns
+from rawpunch.lab.nsproc import RUN_DIR, proc_start_time, process_alive, run_in_netns
 from rawpunch.proto.codec import Endpoint
 
 log = logging.getLogger(__name__)
@@ -464,8 +464,8 @@ class GuardRecord:
         return FW_DIR / f"{self.run_id}.json"
 
     def owner_alive(self) -> bool:
-        """True while the owner runs (same pid *and* start time: pids are reused)."""
-        return proc_start_time(self.owner_pid) == self.owner_start_time
+        """True while the owner runs (``nsproc.process_alive``: same pid and start time, not a zombie)."""
+        return process_alive(self.owner_pid, self.owner_start_time)
 
 
 def write_record(record: GuardRecord) -> None:

@@ -322,7 +322,7 @@ async def _ready_with_guard(ctx: AttemptContext, guard: FirewallGuard) -> Go:
         go = await ctx.go()
     except BaseException:
         with contextlib.suppress(Exception):
-            await applying  # let it finish, so the guard's __exit__ removes what it installed
+            await applying  # let it finish, so the caller's guard.remove() removes what it installed
         raise
     await applying
     return go
