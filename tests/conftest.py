@@ -18,6 +18,7 @@ Everything is per process, so it is safe under pytest-xdist: run ids are random,
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -74,6 +75,21 @@ def two_nat_lab(request: pytest.FixtureRequest, lab_factory: LabFactory) -> Lab:
     else:
         raise TypeError(f"two_nat_lab: param must be a profile name or a dict, got {param!r}")
     return lab_factory(two_nats(**kwargs))
+
+
+@pytest.fixture
+def exclusive_cleanup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """For tests that leave a dead run on purpose and then run a cleaner. The cleaners are global (every dead
+    lab and guard record on the host), so under ``pytest -n`` one such test's cleaner would take another's
+    dead run and that test's own cleaner would find nothing: they take turns, through a lock file in the
+    temporary directory all xdist workers share (pytest removes it with its old temporary directories)."""
+    path = tmp_path_factory.getbasetemp().parent / "exclusive-cleanup.lock"
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -293,6 +293,7 @@ def test_rules_go_when_the_owner_is_signalled(
     assert not record(run_id).exists()
 
 
+@pytest.mark.usefixtures("exclusive_cleanup")
 def test_sigkill_leftovers_are_swept_and_live_guards_kept(lab_factory: LabFactory) -> None:
     lab = lab_factory(PAIR)
     node = lab.node("a")

@@ -147,6 +147,7 @@ def test_up_run_shell_punch_down(lab_name: str, tmp_path: Path) -> None:
     assert cli("lab", "run", lab_name, "a", "--", "true").returncode == 1
 
 
+@pytest.mark.usefixtures("exclusive_cleanup")
 def test_a_name_in_use_is_refused_and_clean_removes_a_killed_lab(lab_name: str) -> None:
     up(lab_name, "--nat-b", "apdm-sequential", "--loss", "1")  # a userspace NAT and an impairment daemon
     again = cli("lab", "up", "--name", lab_name)

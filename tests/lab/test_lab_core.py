@@ -270,6 +270,7 @@ def _namespaces_of(run_id: str) -> set[str]:
     return {netns_name(run_id, n.name) for n in two_nats(hops=1).nodes}
 
 
+@pytest.mark.usefixtures("exclusive_cleanup")
 def test_clean_labs_removes_the_run_of_a_killed_owner(lab_factory: LabFactory) -> None:
     live = lab_factory(two_nats(hops=1))  # a live run that clean_labs must leave alone
     run_id = new_run_id()
@@ -297,6 +298,7 @@ def test_clean_labs_removes_the_run_of_a_killed_owner(lab_factory: LabFactory) -
             clean_labs()
 
 
+@pytest.mark.usefixtures("exclusive_cleanup")
 def test_sigterm_tears_the_lab_down() -> None:
     run_id = new_run_id()
     child, sleeper = _spawn_lab_owner(run_id)

@@ -535,6 +535,7 @@ def _wait_for_chains(lab: Lab, node: str, proc: subprocess.Popen[Any], timeout: 
 
 
 @pytest.mark.root
+@pytest.mark.usefixtures("exclusive_cleanup")
 def test_sigkilled_peer_leaves_rules_that_cleanup_removes(lab_factory: Callable[[Topology], Lab]) -> None:
     lab = lab_factory(two_nats(hops=2))
     server = start_server(lab)
