@@ -143,6 +143,8 @@ class Agent:
             "engine_to_connected_ms": (at["connected"] - at["Connected"]) * 1000,
             "syn_transmissions": sum(1 for _, r in seen if r["event"] == "SynSent"),
             "priming_ttl": connected.get("priming_ttl"),
+            # Every event's time since the PEER event (first occurrence), for reading where time goes.
+            "timeline_ms": [(r["event"], round((t - at["peer"]) * 1000, 2)) for t, r in seen],
         }
 
     def op_close(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -484,7 +486,7 @@ def report_lines(res: Results) -> list[str]:
             f"- Where the time goes (medians over both peers of {which}): paired -> GO {to_go:.1f} ms "
             "(firewall guard applied with iptables-restore, READY/GO round trip, server GO delay); GO -> "
             f"engine connected {to_engine:.1f} ms (priming SYN, `syn_delay` = server RTT / 4 clamped to "
-            "5..50 ms, SYN/SYN-ACK/ACK); engine connected -> `connected` event "
+            "1..50 ms, SYN/SYN-ACK/ACK); engine connected -> `connected` event "
             f"{to_connected:.1f} ms (splice, the peer's splice probe, HMAC challenge both ways; then "
             f"{teardown:.1f} ms removing the firewall guard, iptables-save + iptables-restore, after the "
             "socket was usable and so outside `elapsed_ms`). "

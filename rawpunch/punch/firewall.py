@@ -112,10 +112,17 @@ class FirewallNeedsRootError(FirewallError, PermissionError):
 @dataclass(frozen=True)
 class PunchFlow:
     """The 4-tuple the guard protects: our *local_port* (on *local_host* if given) and the peer's public
-    endpoint, plus the NFQUEUE number the engine's reader is bound to."""
+    endpoint, plus the NFQUEUE number the engine's reader is bound to.
+
+    *peer* None: the early, port-scoped guard, installed before the peer is known so that no
+    iptables-restore is left between meeting the peer and the priming SYN. Its rules match the local port
+    only (any remote endpoint); its reader hands the punch 4-tuple to the engine and gives every other
+    packet straight back to the kernel (``SegmentQueue.claim``), so the kernel still never sees a segment
+    of the punch and everything else on that port (the TCP discovery) is untouched.
+    """
 
     local_port: int
-    peer: Endpoint
+    peer: Endpoint | None
     queue_num: int
     local_host: str | None = None
     crafted_rst_ttl: int | None = None
@@ -126,12 +133,17 @@ class PunchFlow:
     time-exceeded drop and a RST drop, both for TCP from the local port to any port of the peer's host."""
 
     def __post_init__(self) -> None:
-        for what, port in (("local port", self.local_port), ("peer port", self.peer.port)):
+        ports = [("local port", self.local_port)]
+        if self.peer is not None:
+            ports.append(("peer port", self.peer.port))
+        elif self.kernel_sockets:
+            raise ValueError("a kernel-socket guard needs the peer's address")
+        for what, port in ports:
             if not 1 <= port <= 0xFFFF:
                 raise ValueError(f"{what} {port} is not in 1..65535")
         if not 0 <= self.queue_num <= 0xFFFF:
             raise ValueError(f"NFQUEUE number {self.queue_num} is not in 0..65535")
-        for host in (self.peer.host, self.local_host):
+        for host in (None if self.peer is None else self.peer.host, self.local_host):
             if host is not None and not isinstance(ip_address(host), IPv4Address):
                 raise ValueError(f"{host}: the firewall guard supports IPv4 only")
 
@@ -165,11 +177,14 @@ def _comment(run_id: str, what: str) -> str:
 
 
 def capture_rule(run_id: str, flow: PunchFlow) -> str:
-    """NFQUEUE the peer's segments for the punch 4-tuple (with --queue-bypass, always)."""
+    """NFQUEUE the peer's segments for the punch 4-tuple (with --queue-bypass, always); without a peer,
+    every segment to the local port (the reader claims the 4-tuple's and accepts the rest)."""
     dst = f" -d {flow.local_host}/32" if flow.local_host else ""
+    src = "" if flow.peer is None else f" -s {flow.peer.host}/32"
+    sport = "" if flow.peer is None else f"--sport {flow.peer.port} "
     return (
-        f"-A {chain_name(run_id, 'IN')} -s {flow.peer.host}/32{dst} -p tcp -m tcp "
-        f"--sport {flow.peer.port} --dport {flow.local_port} "
+        f"-A {chain_name(run_id, 'IN')}{src}{dst} -p tcp -m tcp "
+        f"{sport}--dport {flow.local_port} "
         f"{_comment(run_id, 'capture punch segments')} "
         f"-j NFQUEUE --queue-num {flow.queue_num} --queue-bypass"
     )
@@ -186,15 +201,14 @@ def icmp_u32(flow: PunchFlow) -> str:
     embedded IP header starts 8 bytes further: its protocol byte is at +8+9, its destination at +8+16;
     ``8>>22&0x3C@`` adds the embedded header length, and the embedded TCP ports are the word at +8.
     """
-    peer = int(IPv4Address(flow.peer.host))
-    ports = flow.local_port << 16 | flow.peer.port
-    tests = [
-        "0>>22&0x3C@16>>16&0xFF=0x6",  # embedded protocol: TCP
-        f"0>>22&0x3C@24={_hex32(peer)}",  # embedded destination: the peer
-        f"0>>22&0x3C@8>>22&0x3C@8={_hex32(ports)}",  # embedded ports: local -> peer
-    ]
-    if flow.kernel_sockets:  # any port of the peer's host: only the local port is compared
-        tests[2] = f"0>>22&0x3C@8>>22&0x3C@8>>16=0x{flow.local_port:X}"
+    tests = ["0>>22&0x3C@16>>16&0xFF=0x6"]  # embedded protocol: TCP
+    if flow.peer is None or flow.kernel_sockets:  # any port (the early guard: any host): the local port
+        tests.append(f"0>>22&0x3C@8>>22&0x3C@8>>16=0x{flow.local_port:X}")
+    if flow.peer is not None:
+        tests.insert(1, f"0>>22&0x3C@24={_hex32(int(IPv4Address(flow.peer.host)))}")  # destination: the peer
+    if flow.peer is not None and not flow.kernel_sockets:
+        ports = flow.local_port << 16 | flow.peer.port
+        tests.append(f"0>>22&0x3C@8>>22&0x3C@8={_hex32(ports)}")  # embedded ports: local -> peer
     if flow.local_host:
         tests.append(f"0>>22&0x3C@20={_hex32(int(IPv4Address(flow.local_host)))}")
     return "&&".join(tests)
@@ -220,12 +234,14 @@ def icmp_drop_rule(run_id: str, flow: PunchFlow) -> str:
 
 
 def rst_rule(run_id: str, flow: PunchFlow) -> str:
-    """Drop RSTs from the punch port to the peer's endpoint."""
+    """Drop RSTs from the punch port to the peer's endpoint (the early guard: to anywhere)."""
     src = f" -s {flow.local_host}/32" if flow.local_host else ""
+    dst = "" if flow.peer is None else f" -d {flow.peer.host}/32"
+    dport = "" if flow.peer is None else f" --dport {flow.peer.port}"
     ttl = f"-m ttl --ttl-gt {flow.crafted_rst_ttl} " if flow.crafted_rst_ttl else ""
     return (
-        f"-A {chain_name(run_id, 'OUT')}{src} -d {flow.peer.host}/32 -p tcp -m tcp "
-        f"--sport {flow.local_port} --dport {flow.peer.port} --tcp-flags RST RST {ttl}"
+        f"-A {chain_name(run_id, 'OUT')}{src}{dst} -p tcp -m tcp "
+        f"--sport {flow.local_port}{dport} --tcp-flags RST RST {ttl}"
         f"{_comment(run_id, 'no RST to the peer before both ends are spliced')} -j DROP"
     )
 
@@ -238,6 +254,7 @@ def kernel_rst_rule(run_id: str, flow: PunchFlow) -> str:
     RST reaches the peer and aborts its attempt (and closes its NAT's entry). Dropped, the SYN is simply
     retransmitted and finds our socket then (RFC 9293 section 3.10.7.1 is what the kernel does)."""
     src = f" -s {flow.local_host}/32" if flow.local_host else ""
+    assert flow.peer is not None  # PunchFlow checks it
     return (
         f"-A {chain_name(run_id, 'OUT')}{src} -d {flow.peer.host}/32 -p tcp -m tcp "
         f"--sport {flow.local_port} --tcp-flags RST RST "
@@ -693,7 +710,7 @@ class FirewallGuard:
             netns=netns_key(),
             backend=self.backend,
             chains=self.chains,
-            flow=f"{self.flow.local_host or '*'}:{self.flow.local_port} <-> {self.flow.peer}",
+            flow=f"{self.flow.local_host or '*'}:{self.flow.local_port} <-> {self.flow.peer or '*'}",
         )
         write_record(record)  # first: from here on a SIGKILL leaves something a sweep can find
         self._state = "applied"

@@ -49,6 +49,7 @@ import os
 import random
 import select
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
@@ -265,6 +266,9 @@ class SegmentQueue:
         self.pass_through = False
         """Set once the spliced socket exists: packets are still shown to the callbacks, then go on to the
         kernel (a verdict, where removing the rule would take an iptables call)."""
+        self.claim: Callable[[bytes], bool] | None = None
+        """Behind a port-scoped rule (the early guard): only IP packets it returns True for are the punch's
+        (``from_peer``); the others go on to the kernel unseen and unparsed. None: every packet is."""
         self.received = 0  # segments and ICMP errors handed to the callbacks
         self.rejected = 0  # packets that were neither (dropped unparsed)
         self._nfq: NetfilterQueue | None = None
@@ -340,12 +344,25 @@ class SegmentQueue:
     ) -> None:
         self.close()
 
+    def handlers(
+        self,
+        on_segment: SegmentCallback,
+        on_icmp: IcmpCallback | None,
+        claim: Callable[[bytes], bool] | None,
+    ) -> None:
+        """Hand the queue to a new owner (the engine takes over the early guard's queue)."""
+        self._on_segment, self._on_icmp, self.claim = on_segment, on_icmp, claim
+
     def _on_packet(self, pkt: Any) -> None:
+        ours = True
         try:
-            self._deliver(pkt.get_payload())
+            data = pkt.get_payload()
+            ours = self.claim is None or self.claim(data)
+            if ours:
+                self._deliver(data)
         finally:
-            if self.pass_through:
-                pkt.accept()  # the flow's kernel socket exists now: it takes its own segments
+            if self.pass_through or not ours:
+                pkt.accept()  # a kernel socket takes it: the spliced flow's, or not the punch's at all
             else:
                 pkt.drop()  # consumed: the kernel must never see it
 
@@ -363,3 +380,25 @@ class SegmentQueue:
                 self._on_icmp(item)
         except Exception:
             log.exception("NFQUEUE %d: callback failed on %s", self.queue_num, item)
+
+
+def from_peer(data: bytes, peer: Endpoint) -> bool:
+    """Whether an IPv4 packet is the punch's: a TCP segment from *peer*, or an ICMP error quoting one of
+    ours to *peer* (RFC 792: the quoted IP header and at least 8 bytes of TCP). Read straight from the
+    bytes, without scapy: behind the early guard's port-scoped rule this runs for every packet."""
+    try:
+        ihl = (data[0] & 0x0F) * 4
+        if data[9] == socket.IPPROTO_TCP:
+            host, port = data[12:16], struct.unpack_from("!H", data, ihl)[0]
+        elif data[9] == socket.IPPROTO_ICMP:
+            inner = ihl + 8
+            inner_ihl = (data[inner] & 0x0F) * 4
+            host, port = (
+                data[inner + 16 : inner + 20],
+                struct.unpack_from("!H", data, inner + inner_ihl + 2)[0],
+            )
+        else:
+            return False
+    except (IndexError, struct.error):
+        return False  # too short to be either: the kernel's business
+    return bool(host == IPv4Address(peer.host).packed and port == peer.port)

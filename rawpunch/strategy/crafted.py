@@ -28,7 +28,7 @@ class CraftedHandshake:
             priming_ttl=ctx.priming_ttl,
             slot=ctx.slot,
             deadline=ctx.budget,
-            syn_delay=min(0.05, max(0.005, (rtt or 0.2) / 4)),
+            syn_delay=min(0.05, max(0.001, (rtt or 0.2) / 4)),
             rtt=rtt,
         )
         ctx.detail.update(ports=[ctx.peer_public.port], syns=1, ttl=ctx.priming_ttl)

@@ -34,7 +34,7 @@ from rawpunch.lab.topology import two_hosts, two_nats
 from rawpunch.proto.codec import Endpoint
 from rawpunch.punch import firewall
 from rawpunch.punch.firewall import FW_DIR, FirewallGuard, PunchFlow
-from rawpunch.punch.rawio import IcmpError, RawSender, SegmentQueue, parse_ip
+from rawpunch.punch.rawio import IcmpError, RawSender, SegmentQueue, from_peer, parse_ip
 from rawpunch.punch.segment import Flags, Segment
 
 pytestmark = pytest.mark.root
@@ -399,6 +399,52 @@ def test_queue_takes_the_punch_syn_and_the_kernel_never_sees_it(lab_factory: Lab
     # The TCP stack received only the sentinel and reset only it: the queued SYN never reached it.
     assert kernel == (1, 1)
     assert "rawpunch" not in saved.lower()
+
+
+def early_guard_side(sync: threading.Barrier, peer: str) -> list[Segment]:
+    return asyncio.run(_early_guard(sync, peer))
+
+
+async def _early_guard(sync: threading.Barrier, peer: str) -> list[Segment]:
+    """The port-scoped guard of a punch that has not met its peer yet, with a listener on the port: the
+    queue claims the peer's segments only; everything else must reach the listener."""
+    loop = asyncio.get_running_loop()
+    got: list[Segment] = []
+    with SegmentQueue(got.append) as queue, socket.create_server((A_HOST, A_PORT)):
+        queue.claim = lambda data: from_peer(data, Endpoint(peer, B_PORT))
+        queue.attach(loop)
+        with FirewallGuard(PunchFlow(A_PORT, None, queue.queue_num, local_host=A_HOST)):
+            await loop.run_in_executor(None, sync.wait)  # 1: guard up
+            await loop.run_in_executor(None, sync.wait)  # 2: b has probed from the peer's port and another
+    return got
+
+
+def early_probe_side(sync: threading.Barrier, peer: str) -> tuple[list[Segment], list[Segment]]:
+    sniff, tx = TcpSniffer(), RawSender()
+    try:
+        sync.wait()  # 1
+        target, elsewhere = Endpoint(A_HOST, A_PORT), Endpoint(B_HOST, B_PORT + 2)
+        tx.send(syn(Endpoint(B_HOST, B_PORT), target))
+        tx.send(syn(elsewhere, target))
+        # Both SYNs pass the queue in order, so an answer to the peer's would come before the one that
+        # ends the wait (a sentinel's RST, straight from the kernel, could overtake both).
+        seen = sniff.until(lambda s: s.src == target and s.dst == elsewhere and s.syn)
+        from_the_peer = [s for s in seen if s.src == target and s.dst.port == B_PORT]
+        from_elsewhere = [s for s in seen if s.src == target and s.dst == elsewhere]
+        sync.wait()  # 2
+        return from_the_peer, from_elsewhere
+    finally:
+        sniff.close()
+        tx.close()
+
+
+def test_early_guard_claims_the_peer_and_gives_the_rest_to_the_kernel(lab_factory: LabFactory) -> None:
+    lab = lab_factory(PAIR)
+    got, (from_the_peer, from_elsewhere) = run_pair(lab, early_guard_side, early_probe_side, B_HOST)
+    assert [(s.src, s.flags) for s in got] == [(Endpoint(B_HOST, B_PORT), Flags.SYN)]
+    assert from_the_peer == [], f"the listener answered the claimed SYN: {[str(s) for s in from_the_peer]}"
+    assert [s.flags for s in from_elsewhere] == [Flags.SYN | Flags.ACK], [str(s) for s in from_elsewhere]
+    assert "rawpunch" not in node_rules(lab.node("a")).lower()
 
 
 def bypass_side(sync: threading.Barrier, peer: str) -> tuple[tuple[int, ...], str]:

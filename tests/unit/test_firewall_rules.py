@@ -26,10 +26,9 @@ FLOW_LOCAL = PunchFlow(40000, Endpoint("198.51.100.9", 40001), 21072, local_host
 flows = st.builds(
     PunchFlow,
     local_port=st.integers(1, 65535),
-    peer=st.builds(
-        Endpoint,
-        host=st.ip_addresses(v=4).map(str),
-        port=st.integers(1, 65535),
+    peer=st.one_of(
+        st.none(),  # the early guard
+        st.builds(Endpoint, host=st.ip_addresses(v=4).map(str), port=st.integers(1, 65535)),
     ),
     queue_num=st.integers(0, 65535),
     local_host=st.one_of(st.none(), st.ip_addresses(v=4).map(str)),
@@ -125,6 +124,28 @@ def test_rst_rule_drops_only_our_resets_to_the_peer() -> None:
         '-m comment --comment "rawpunch abc123 no RST to the peer before both ends are spliced" -j DROP'
     )
     assert "-A RAWPUNCH-abc123-OUT -s 10.0.1.2/32 -d 198.51.100.9/32 " in fw.rst_rule(RUN, FLOW_LOCAL)
+
+
+EARLY = PunchFlow(40000, None, 21072)
+
+
+def test_early_guard_is_scoped_to_the_local_port() -> None:
+    """Before the peer is known: any remote endpoint; the queue's reader claims the 4-tuple later."""
+    assert fw.capture_rule(RUN, EARLY) == (
+        "-A RAWPUNCH-abc123-IN -p tcp -m tcp --dport 40000 "
+        '-m comment --comment "rawpunch abc123 capture punch segments" '
+        "-j NFQUEUE --queue-num 21072 --queue-bypass"
+    )
+    assert fw.rst_rule(RUN, PunchFlow(40000, None, 1, crafted_rst_ttl=3)) == (
+        "-A RAWPUNCH-abc123-OUT -p tcp -m tcp --sport 40000 --tcp-flags RST RST -m ttl --ttl-gt 3 "
+        '-m comment --comment "rawpunch abc123 no RST to the peer before both ends are spliced" -j DROP'
+    )
+    expr = fw.icmp_u32(EARLY)
+    assert u32_matches(expr, icmp_error(11, 40000, 40001, "198.51.100.9"))
+    assert u32_matches(expr, icmp_error(3, 40000, 9, "203.0.113.7"))  # any remote endpoint
+    assert not u32_matches(expr, icmp_error(11, 40002, 40001, "198.51.100.9"))  # another local port
+    with pytest.raises(ValueError, match="needs the peer"):
+        PunchFlow(40000, None, 1, kernel_sockets=True)
 
 
 def test_icmp_rules_queue_both_errors_then_drop_time_exceeded() -> None:
