@@ -103,9 +103,9 @@ def run_up_command(args: argparse.Namespace) -> int:
         if command == "up":
             return _up(args)
         if command == "down":
-            names = [r.run_id for r in persist.running_labs()] if args.all_labs else [args.name]
-            for name in names:
-                print(persist.stop(name))
+            if args.all_labs:
+                return _down_all()
+            print(persist.stop(args.name))
             return 0
         if command == "run":
             argv = node_command(args.command)
@@ -123,6 +123,20 @@ def run_up_command(args: argparse.Namespace) -> int:
     except persist.LabError as e:
         print(f"rawpunch lab {command}: {e}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _down_all() -> int:
+    """Every lab, each on its own: one that cannot be stopped does not keep the others up."""
+    from rawpunch.lab import persist  # noqa: PLC0415
+
+    failed = 0
+    for record in persist.running_labs():
+        try:
+            print(persist.stop(record.run_id))
+        except persist.LabError as e:
+            print(f"rawpunch lab down: {e}", file=sys.stderr)
+            failed += 1
+    return EXIT_FAILED if failed else 0
 
 
 def _up(args: argparse.Namespace) -> int:

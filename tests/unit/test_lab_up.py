@@ -192,3 +192,27 @@ def test_without_root_each_command_says_so_and_exits_3(
     args = build_parser().parse_args(argv)
     assert args.func(args) == 3
     assert capsys.readouterr().err == f"rawpunch lab {argv[1]}: needs root (run with sudo)\n"
+
+
+def test_down_all_stops_every_lab_even_after_one_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rawpunch.lab import persist, upcli  # noqa: PLC0415
+
+    labs = [registry.RunRecord(name, 1, 1, (), 0.0) for name in ("stuck", "fine")]
+    stopped: list[str] = []
+
+    def stop(name: str) -> str:
+        stopped.append(name)
+        if name == "stuck":
+            raise persist.LabError("lab stuck was not started by `rawpunch lab up`")
+        return f"lab {name} is down"
+
+    monkeypatch.setattr(persist, "running_labs", lambda: labs)
+    monkeypatch.setattr(persist, "stop", stop)
+    status = upcli.run_up_command(build_parser().parse_args(["lab", "down", "--all"]))
+    out, err = capsys.readouterr()
+    assert stopped == ["stuck", "fine"]
+    assert status == upcli.EXIT_FAILED
+    assert out == "lab fine is down\n"
+    assert err == "rawpunch lab down: lab stuck was not started by `rawpunch lab up`\n"
