@@ -429,7 +429,7 @@ class Lab:
             check=False,
         )
         if undo.returncode != 0:
-            log.warning("lab %s: undo %s on %s failed: %s", self.run_id, argv[0], name, undo.stderr.strip())
+            log.warning("lab %s: undo %s on %s failed: %s", self.run_id, argv[0], name, _why(undo))
 
     def _undo_nat_rules(self) -> None:
         # mininet style: a NAT removes what it installed, even though removing the namespace would drop it
@@ -438,6 +438,16 @@ class Lab:
         for name in nats:
             profile = get_profile(self.topology.node(name).profile or "")
             self._undo(name, ["iptables-restore", "-w"], profile.iptables_undo())
+
+
+def _why(done: subprocess.CompletedProcess[str]) -> str:
+    """A failed command's own words, or how it ended: a Ctrl-C reaches the whole process group, and an
+    interrupted undo has nothing on stderr."""
+    if done.stderr.strip():
+        return str(done.stderr.strip())
+    if done.returncode < 0:
+        return f"killed by {signal.Signals(-done.returncode).name} (the namespace goes with the lab anyway)"
+    return f"exit status {done.returncode}"
 
 
 def _link_up(ipr: Any, ifname: str) -> None:

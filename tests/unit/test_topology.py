@@ -347,3 +347,19 @@ def test_add_lab_parser_sets_func() -> None:
 
 def lab_cli_args(command: str, **kwargs: object) -> argparse.Namespace:
     return argparse.Namespace(lab_command=command, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr", "said"),
+    [
+        (-2, "", "killed by SIGINT (the namespace goes with the lab anyway)"),
+        (1, "", "exit status 1"),
+        (1, "iptables-restore: line 2 failed\n", "iptables-restore: line 2 failed"),
+    ],
+)
+def test_a_failed_undo_says_how_it_ended(returncode: int, stderr: str, said: str) -> None:
+    import subprocess  # noqa: PLC0415
+
+    from rawpunch.lab.netns import _why  # noqa: PLC0415
+
+    assert _why(subprocess.CompletedProcess(["iptables-restore"], returncode, "", stderr)) == said
