@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from pyroute2 import netns as pr_netns
+from twosided import run_two_sided
 
 from rawpunch.lab.netns import Lab, LabNode
 from rawpunch.lab.topology import two_hosts, two_nats
@@ -79,31 +79,7 @@ def run_pair(lab: Lab, fn_a: Callable[..., Any], fn_b: Callable[..., Any], *args
 def _pair(
     ns_b: str, fn_a: Callable[..., Any], fn_b: Callable[..., Any], args: tuple[Any, ...]
 ) -> tuple[Any, Any]:
-    sync = threading.Barrier(2, timeout=10.0)
-    result_b: dict[str, Any] = {}
-
-    def side_b() -> None:
-        try:
-            pr_netns.setns(ns_b, flags=0)
-            result_b["ok"] = fn_b(sync, *args)
-        except BaseException as e:
-            result_b["error"] = e
-            sync.abort()
-
-    thread = threading.Thread(target=side_b, name="side-b")
-    thread.start()
-    try:
-        result_a = fn_a(sync, *args)
-    except BaseException:
-        sync.abort()
-        raise
-    finally:
-        thread.join(20.0)
-    if thread.is_alive():
-        raise TimeoutError("side b did not finish")
-    if "error" in result_b:
-        raise result_b["error"]
-    return result_a, result_b["ok"]
+    return run_two_sided(ns_b, lambda sync: fn_a(sync, *args), lambda sync: fn_b(sync, *args))
 
 
 class TcpSniffer:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import netns as pr_netns
 from scapy.layers.inet import ICMP, IP, IPerror, TCPerror
+from twosided import run_two_sided
 
 from rawpunch.lab.netns import Lab
 from rawpunch.lab.topology import two_hosts, two_nats
@@ -250,31 +250,9 @@ def side_main(side: Side, first: bool, seed: int, sync: threading.Barrier) -> di
 
 
 def both_sides(ns_b: str, side_a: Side, side_b: Side) -> tuple[dict[str, Any], dict[str, Any]]:
-    sync = threading.Barrier(2, timeout=10.0)
-    result_b: dict[str, Any] = {}
-
-    def run_b() -> None:
-        try:
-            pr_netns.setns(ns_b, flags=0)
-            result_b["ok"] = side_main(side_b, False, 2, sync)
-        except BaseException as e:
-            result_b["error"] = e
-            sync.abort()
-
-    thread = threading.Thread(target=run_b, name="side-b")
-    thread.start()
-    try:
-        result_a = side_main(side_a, True, 1, sync)
-    except BaseException:
-        sync.abort()
-        raise
-    finally:
-        thread.join(20.0)
-    if thread.is_alive():
-        raise TimeoutError("side b did not finish")
-    if "error" in result_b:
-        raise result_b["error"]
-    return result_a, result_b["ok"]
+    return run_two_sided(
+        ns_b, lambda sync: side_main(side_a, True, 1, sync), lambda sync: side_main(side_b, False, 2, sync)
+    )
 
 
 # --- the lab tests ---------------------------------------------------------------------------------------
