@@ -113,6 +113,15 @@ reopen; a blind attacker can at most make us reopen our entry before the peer's 
 A forgery after the peer's genuine SYN has passed our NAT cannot poison it (that side is initialised;
 a reply SYN in SYN_SENT2/SYN_RECV is not re-read, and a reply SYN after SYN_RECV is INVALID).
 
+What the engine cannot repair: a flood. In the lab (tests/lab/test_punch.py, conntrack -E and tcpdump at
+the NATs) a forged RST-ACK or SYN-ACK with a random ACK reaches a NAT while its entry is SYN_SENT; conntrack
+refuses it (ACK above the window) but has already initialised the peer's side from its seq, so the genuine
+SYN-ACK passes untracked (no SYN_RECV), the engine connects, and its ACK and data are INVALID at that NAT.
+Forgeries a few milliseconds apart poison each reopened entry again, and nothing on our side tells an
+entry that passes our ACKs from one that drops them. The session does: peer authentication on the
+spliced socket then gets nothing through, and the cascade retries on a fresh port
+(``session._authenticate``, ``runner.with_retry``).
+
 The engine never sends data or FIN and does not consume payload: a data segment that completes the
 handshake counts as its ACK, and the peer retransmits the data to the spliced socket.
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -37,6 +38,7 @@ import os
 import socket
 import struct
 import subprocess
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -311,8 +313,9 @@ async def punch_and_splice(ctx: AttemptContext, config: PunchConfig) -> socket.s
         # Our challenge must not reach the peer before its socket exists, or its queue eats it and
         # only our kernel's retransmission (>= 200 ms later) gets through.
         await driver.wait_peer_spliced(timeout=max(1.0, 4 * (ctx.client.core.rtt or 0.25)))
-        # Within the attempt's budget: the peer may have given up and moved on to the next attempt's GO.
-        await _authenticate(sock, ctx.keys, ctx.slot, timeout=ctx.remaining())
+        # A few RTTs, within the attempt's budget: a flow that carries nothing by then runs over a NAT
+        # entry poisoned by a forgery, and the cascade retries on a fresh port (runner.with_retry).
+        await _authenticate(sock, ctx.keys, ctx.slot, auth_timeout(ctx.client.core.rtt, ctx.remaining()))
         mark("authenticate")
         ctx.usable_at = time.monotonic()
         return sock
@@ -463,30 +466,82 @@ def _splice(c: Connected) -> socket.socket:
     )
 
 
+class WrongSecret(PunchError):
+    """The peer's proof arrived and does not verify: the other end does not know the session secret. No
+    other attempt can change that, so the cascade stops here (the strategies let it through)."""
+
+
+#: Authentication on a punched connection that gets nothing through within this long (or ``AUTH_RTTS``
+#: round trips, if more) counts as a broken path: a NAT entry poisoned by a forgery drops the flow. The
+#: floor leaves room for two kernel retransmissions (RTO >= 200 ms) of a lost challenge.
+AUTH_FLOOR, AUTH_RTTS = 1.0, 8
+_ACK_POLL = 0.0005  # seconds between SIOCOUTQ reads while our proof is in flight (an ioctl each)
+
+
+def auth_timeout(rtt: float | None, remaining: float) -> float:
+    """How long the crafted attempt's authentication may take: a few RTTs, within the attempt's budget."""
+    return min(remaining, max(AUTH_FLOOR, AUTH_RTTS * (rtt or 0.0)))
+
+
 async def _authenticate(sock: socket.socket, keys: SessionKeys, slot: int, timeout: float = 10.0) -> None:
     """Both ends prove they know the session secret before the socket is handed over.
 
     Each sends a fresh challenge, answers the other's with HMAC(auth_key, prover's slot || challenge),
     and checks the answer to its own. A racing attacker who completed a handshake without the secret
-    (it cannot, the ISNs are sealed, but defence in depth) fails here and the socket is closed.
+    (it cannot, the ISNs are sealed, but defence in depth) fails here and the socket is closed
+    (``WrongSecret``, at once).
+
+    Success needs both: the peer's proof verified, and our own proof acknowledged by the peer's kernel
+    (SIOCOUTQ, bytes not yet acknowledged, is 0), so it is in the peer's receive queue and the peer
+    verifies it too. Without the second, one side could hand over a socket while the other, whose NAT
+    drops our segments, gives up and moves on to the next attempt. Anything short of both within
+    ``timeout`` is a ``PunchError`` naming the step that got no answer: a broken path, which another
+    attempt on fresh NAT entries may not have.
     """
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     mine = os.urandom(CHALLENGE_LEN)
+    step = "no challenge from the peer"
     try:
         async with asyncio.timeout(timeout):
             await loop.sock_sendall(sock, mine)
             theirs = await _recv_exactly(loop, sock, CHALLENGE_LEN)
+            step = "the peer's challenge came, but no proof"
             await loop.sock_sendall(sock, keys.prove(theirs, struct.pack("!B", slot)))
             proof = await _recv_exactly(loop, sock, hashlib.sha256().digest_size)
+            _ack_now(sock)  # the peer waits for this ACK: not the delayed ACK's 40 ms
+            if not hmac.compare_digest(proof, keys.prove(mine, struct.pack("!B", 1 - slot))):
+                sock.close()
+                raise WrongSecret(
+                    "the other end of the punched connection does not know the session secret: closed"
+                )
+            step = "the peer's proof verified, but the peer's kernel did not acknowledge ours"
+            await _all_acknowledged(sock)
     except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
         sock.close()
-        why = f"no answer within {timeout:.3g} s" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
-        raise PunchError(f"peer authentication on the punched connection failed: {why}") from None
-    if not hmac.compare_digest(proof, keys.prove(mine, struct.pack("!B", 1 - slot))):
-        sock.close()
-        raise PunchError("the other end of the punched connection does not know the session secret: closed")
+        why = f"within {timeout:.3g} s" if isinstance(exc, TimeoutError) else f"({str(exc) or repr(exc)})"
+        raise PunchError(f"peer authentication on the punched connection failed: {step} {why}") from None
     sock.setblocking(True)
+
+
+def _ack_now(sock: socket.socket) -> None:
+    """Acknowledge what we have received at once (TCP_QUICKACK sends a pending ACK, tcp(7)). A spliced
+    socket starts without the quick-ACK credit of a kernel handshake, so it would delay the ACK."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+async def _all_acknowledged(sock: socket.socket) -> None:
+    """Until the peer's kernel has acknowledged everything we sent. The kernel has no event for it, so
+    this polls every ``_ACK_POLL`` (bounded by the caller's timeout); the ACK itself takes a round trip."""
+    while _unacknowledged(sock):
+        await asyncio.sleep(_ACK_POLL)
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """SIOCOUTQ (= TIOCOUTQ): bytes written to ``sock`` that the peer has not acknowledged yet."""
+    (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
+    return int(count)
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:

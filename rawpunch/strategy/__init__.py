@@ -6,7 +6,8 @@
 ``simultaneous-open``   kernel ``connect()`` on both sides at GO (RTT/2 synchronised): the baseline
 ``low-ttl-listen``      one side's low-TTL SYN opens its NAT, the other connects (STUNT #2)
 ``port-prediction``     sequential NAT against a stable or sequential one: prime the predicted next ports
-``birthday``            random-port NAT against a stable one: many guesses, a bounded SYN budget
+``birthday``            random-port NAT against a stable or sequential one: the stable side primes guesses
+                        and listens, the random side connects; a bounded SYN budget
 ``auto``                the cascade for the pair of NATs (``auto.CASCADES``), under one total deadline
 ======================  ====================================================================================
 """

@@ -14,12 +14,36 @@ TCP hole punching (RFC 5382 sections 4.1 and 7.1; RFC 4787 sections 4.1, 4.2.1):
 * **maybe-stable**: random ports, mapping unknown. The fast classification sees only new ports for new local
   ports, which an endpoint-independent NAT that does not preserve ports shows too (``eim-apdf-random``, a
   carrier-grade NAT): its endpoint may well be stable. It is tried as the stable side of port prediction
-  and guessing, which is what works if it is, before the strategies for two random NATs.
+  and guessing, which is what works if it is, before the strategies for two random NATs; two maybe-stable
+  sides guess both ways in one attempt (``guesses_both_ways``), since a wrong choice of the one that
+  primes would cost the first attempt half the time.
 
 The crafted handshake comes first wherever both sides are stable: it works through NATs that answer
-unsolicited SYNs with RST, which kernel simultaneous open may not (FACTS.md). A random NAT facing anything but
-a stable one has no strategy here that reaches it reliably (both sides would have to guess); the cascade
-still tries the cheap ones, within the deadline.
+unsolicited SYNs with RST, which kernel simultaneous open may not (FACTS.md).
+
+Who primes in ``birthday`` (``birthday_primer``): the side whose public endpoint the other can aim at --
+stable, else sequential (the connector aims at its predicted next ports), else maybe-stable. The primer
+also listens, so a primer NAT that filters endpoint-independently or by address admits the random side's
+SYN from any port, and guessing is needed only behind address-and-port-dependent filtering.
+
+A random NAT against a sequential one: only the sequential side can prime, and its NAT decides. (Port
+prediction comes first where the random side may be endpoint-independent; its connector, the sequential
+side, listens too, so the same address-dependent filtering lets the random side's retransmitted priming
+SYNs in there.)
+
+* **Address-dependent or endpoint-independent mapping** (``adm-adf-sequential``): all priming SYNs to the
+  peer's address share one mapping, the next port; with address-dependent filtering any port of the peer
+  gets in (the listener takes it), with port-dependent filtering the guesses do (birthday bound as usual).
+* **Address-and-port-dependent mapping and filtering** (a symmetric sequential NAT, ``apdm-sequential``):
+  not traversable by guessing. Priming guess ``g_k`` gets its own mapping ``P+k`` that admits only
+  ``peer:g_k``. The random side's SYN ``j`` leaves from a port ``X_j`` its NAT draws afresh for that
+  destination, uniform over ``N`` ports and independent of which ``P+k`` it aims at; it gets in only if
+  ``X_j == g_k`` for the one ``k`` it aimed at: probability ``1/N`` per SYN, ``n/N`` in all (0.8% for 500
+  SYNs), with no birthday gain, since each SYN can meet one guess only. The roles swapped are the same: the
+  sequential side's SYN to ``peer:y`` must hit the random port of the one priming SYN that went to its next
+  port. So ``cascade`` gives up at once when the probes say so (``UntraversablePair``); with only the fast
+  classification (mapping unknown) it makes the two cheap attempts that would work if either guess about
+  the unknown behaviours is right, and stops.
 """
 
 from __future__ import annotations
@@ -36,12 +60,15 @@ CASCADES: dict[frozenset[NatClass], tuple[str, ...]] = {
     frozenset({"stable", "maybe-stable"}): ("birthday", "crafted-handshake"),
     frozenset({"stable", "sequential"}): ("port-prediction", "crafted-handshake"),
     frozenset({"stable", "random"}): ("birthday", "crafted-handshake"),
-    # Either may be the endpoint-independent one (or both): guess with each side as the stable one in turn.
+    # Either may be the endpoint-independent one (or both): guess both ways at once (guesses_both_ways),
+    # and once more on fresh ports if the chance (about 98% at the default budget) is missed.
     frozenset({"maybe-stable"}): ("birthday", "birthday", "crafted-handshake"),
-    frozenset({"maybe-stable", "sequential"}): ("port-prediction", "crafted-handshake"),
+    # The maybe-stable side is endpoint-independent (port prediction), or the sequential one lets the
+    # peer's address in (birthday, the sequential side priming and listening); see the module doc.
+    frozenset({"maybe-stable", "sequential"}): ("port-prediction", "birthday"),
     frozenset({"maybe-stable", "random"}): ("birthday", "crafted-handshake"),
     frozenset({"sequential"}): ("port-prediction", "crafted-handshake"),
-    frozenset({"sequential", "random"}): ("crafted-handshake", "simultaneous-open"),
+    frozenset({"sequential", "random"}): ("birthday",),
     frozenset({"random"}): ("crafted-handshake", "simultaneous-open"),
 }
 
@@ -56,15 +83,60 @@ def nat_class(b: NatBehaviour) -> NatClass:
     return "stable"
 
 
+class UntraversablePair(ValueError):
+    """The pair's known NAT behaviours leave no strategy a real chance; ``str()`` says why."""
+
+
 def cascade(slot0: NatBehaviour, slot1: NatBehaviour) -> tuple[str, ...]:
-    """The strategies to try, in order; symmetric in its arguments, so both peers agree."""
-    return CASCADES[frozenset({nat_class(slot0), nat_class(slot1)})]
+    """The strategies to try, in order; symmetric in its arguments, so both peers agree.
+
+    Raises ``UntraversablePair`` for a symmetric sequential NAT against a random one (module doc)."""
+    names = CASCADES[frozenset({nat_class(slot0), nat_class(slot1)})]
+    for seq, other in ((slot0, slot1), (slot1, slot0)):
+        if not (_symmetric_sequential(seq) and nat_class(other) in ("random", "maybe-stable")):
+            continue
+        if nat_class(other) == "random":
+            raise UntraversablePair(
+                "a NAT with sequential ports but address-and-port-dependent mapping and filtering, "
+                "against one with random ports and remote-dependent mapping: no port guessing "
+                "reaches it (each SYN hits with chance 1/65536; rawpunch.strategy.auto explains)"
+            )
+        names = tuple(n for n in names if n != "birthday")  # only port prediction may still work
+    return names
+
+
+def _symmetric_sequential(b: NatBehaviour) -> bool:
+    """Sequential, and known to map (and not known not to filter) per remote endpoint: its priming SYNs
+    let no other port of the peer in."""
+    per_endpoint = "address-and-port-dependent"
+    return (
+        nat_class(b) == "sequential" and b.mapping == per_endpoint and b.filtering in (per_endpoint, UNKNOWN)
+    )
 
 
 def stable_side(slot0: NatBehaviour, slot1: NatBehaviour) -> int:
     """The slot whose public endpoint is most likely as seen (the one that primes); slot 0 on a tie."""
     rank = NAT_CLASSES.index
     return 1 if rank(nat_class(slot1)) < rank(nat_class(slot0)) else 0
+
+
+#: Who primes in ``birthday``: the side the other can aim at (its endpoint known, else predicted).
+GUESSING_ORDER: tuple[NatClass, ...] = ("stable", "sequential", "maybe-stable", "random")
+
+
+def birthday_primer(slot0: NatBehaviour, slot1: NatBehaviour, stable_slot: int) -> int:
+    """The slot that primes (and listens) in a birthday attempt whose ``stable_slot_for`` is ``stable_slot``:
+    the better side by ``GUESSING_ORDER`` (slot 0 on a tie), swapped where the cascade repeats birthday."""
+    rank = GUESSING_ORDER.index
+    primer = 1 if rank(nat_class(slot1)) < rank(nat_class(slot0)) else 0
+    return primer if stable_slot == stable_side(slot0, slot1) else 1 - primer
+
+
+def guesses_both_ways(slot0: NatBehaviour, slot1: NatBehaviour) -> bool:
+    """Whether a birthday attempt runs both ways at once: two maybe-stable sides, either of which may be
+    the endpoint-independent one (a carrier-grade NAT) that must prime; guessing the wrong one costs an
+    attempt, so each side primes and connects, each way with the whole SYN budget."""
+    return nat_class(slot0) == nat_class(slot1) == "maybe-stable"
 
 
 def stable_slot_for(names: tuple[str, ...], attempt: int, stable: int) -> int:

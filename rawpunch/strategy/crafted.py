@@ -35,5 +35,7 @@ class CraftedHandshake:
         try:
             with session._Capture(ctx.pcap, ctx.local.port):
                 return await session.punch_and_splice(ctx, config)
+        except session.WrongSecret:
+            raise  # no other attempt can fix it: the cascade stops
         except session.PunchError as exc:
             raise AttemptFailed(str(exc)) from None

@@ -33,7 +33,19 @@ The strategies differ in what the primer aims at and how many sockets there are:
   range and the connector opens ``n`` connections from ``n`` local ports, ``n`` random draws from that range.
   Each draw hits a primed port with probability ``m / N``; the chance that at least one does is
   ``1 - (1 - m/N)^n``, about ``1 - exp(-n m / N)`` (the birthday bound), computed and logged per attempt.
-  The SYN budget ``n + m`` and the rate are bounded;
+  The SYN budget ``n + m`` and the rate are bounded. The primer also *listens* on its port: a NAT whose
+  filtering is endpoint-independent, or address-dependent (RFC 4787 section 5; a priming SYN went to the
+  peer's address), admits the connector's SYN from whatever port the random NAT gave it, and the listener
+  accepts it: no guess needed, one round trip. So both start with a ``burst``: the primer one priming SYN,
+  the connector one SYN per target; both then wait ``pause`` for that connection, and only without it
+  spend the rest of the budget (the connector's rest after the primer's). Behind such NATs the hundreds of
+  SYNs are never sent, and no NAT has to track them (a userspace NAT that admits them all slows down with
+  every entry, and the authentication then waits behind them). When the primer's NAT allocates
+  sequentially (and maps per remote address, or independently of it), the connector aims at the primer's
+  predicted next ports, one connection per prediction in turn. The connector's first connection leaves
+  from its punch port and the primer's first guess is that port's public one, as the server saw it: a
+  certain hit where the "random" NAT is endpoint-independent after all (a carrier-grade NAT), which the
+  fast classification cannot tell (``auto``: maybe-stable);
 * ``simultaneous-open`` (the baseline, libp2p DCUtR style): both ``connect()`` at GO with a normal TTL and
   again ``RETRY_DELAY`` after each refusal; a SYN that reaches the other NAT before that NAT's own SYN left
   is dropped or answered with RST (FACTS.md), so between RST-answering NATs it connects only when two
@@ -41,12 +53,13 @@ The strategies differ in what the primer aims at and how many sockets there are:
 
 The connector waits ``lead`` after GO: the primer's SYNs must have left first. GO's RTT-compensated delays
 make the two GOs coincide up to the error of the RTT estimates; ``lead`` adds that margin (from the measured
-server RTT) to the time the primer needs to send its SYNs at the plan's rate.
+server RTT) to the time the primer needs to send its SYNs at the plan's rate (birthday: see above).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -81,6 +94,13 @@ class KernelPlan:
     """Connect again after a refusal (RST) until the attempt's budget is spent."""
     probability: float | None = None
     """Expected chance of success, where it can be computed (birthday)."""
+    listen: bool = False
+    """Also accept connections from any port of the peer's host on the (first) local port: the birthday
+    primer, the port-prediction connector."""
+    burst: int = 0
+    """SYNs sent at ``lead``, before ``pause``; 0: no pause (birthday: see the module doc)."""
+    pause: float = 0.0
+    """Seconds between the first ``burst`` SYNs and the others, which are sent only if nothing connected."""
 
     @property
     def syns(self) -> int:
@@ -145,6 +165,13 @@ def port_prediction(
     next port, and the connector's k-th SYN (its NAT's k-th next port) goes there: the k-th SYNs of both
     sides name each other's k-th mapping, so the pairs match by index. Sent in order, without retries (a
     retry would take a port out of turn).
+
+    The connector also listens on its port. Its SYN to the primer's address opened its own NAT for that
+    address: if the NAT filters by address only (or not at all), the primer's priming sockets get in from
+    whatever ports the primer's NAT gave them once the kernel retransmits their SYNs (after 1 s, with the
+    normal TTL), and the listener takes the one that went to the right predicted port. That connects a
+    primer whose NAT turned out to map per remote endpoint (random ports, mapping unknown: maybe-stable),
+    where the primer's endpoint the connector aims at is not the one it primed from.
     """
     if role == "primer":
         targets = connector.endpoints(window)
@@ -153,9 +180,19 @@ def port_prediction(
     if isinstance(primer, Prediction):
         targets = primer.endpoints(window)
         return KernelPlan(
-            "port-prediction", role, (local_port,), targets, NORMAL_TTL, lead, SYN_INTERVAL, False
+            "port-prediction",
+            role,
+            (local_port,),
+            targets,
+            NORMAL_TTL,
+            lead,
+            SYN_INTERVAL,
+            False,
+            listen=True,
         )
-    return KernelPlan("port-prediction", role, (local_port,), (primer,), NORMAL_TTL, lead, 0.0, True)
+    return KernelPlan(
+        "port-prediction", role, (local_port,), (primer,), NORMAL_TTL, lead, 0.0, True, listen=True
+    )
 
 
 def birthday_probability(n: int, m: int, size: int) -> float:
@@ -181,7 +218,7 @@ def guess_ports(seed: bytes, m: int, port_range: tuple[int, int] = PORT_RANGE) -
 def birthday(
     role: Role,
     local_port: int,
-    peer: Endpoint,
+    peer: Endpoint | Prediction,
     ttl: int,
     server_rtt: float | None,
     seed: bytes,
@@ -189,16 +226,61 @@ def birthday(
     rate: float = BIRTHDAY_RATE,
     port_range: tuple[int, int] = PORT_RANGE,
 ) -> KernelPlan:
-    """The primer primes ``m`` guessed ports; the connector opens ``n`` connections from fresh local ports."""
+    """The primer primes ``m`` guessed ports and listens; the connector opens ``n`` connections from fresh
+    local ports to ``peer``: the primer's endpoint, or its NAT's predicted next ports (a ``Prediction``)."""
     size = port_range[1] - port_range[0] + 1
     n, m = birthday_sizes(budget, size)
-    p = birthday_probability(n, m, size)
     interval = 1.0 / rate
+    targets = peer.endpoints() if isinstance(peer, Prediction) else (peer,)
+    # A connection guesses right only if it also aims at the primer's actual mapping: one of ``targets``.
+    p = birthday_probability(-(-n // len(targets)), m, size)
+    wait = listen_pause(server_rtt)
     if role == "primer":
-        targets = tuple(Endpoint(peer.host, port) for port in guess_ports(seed, m, port_range))
-        return KernelPlan("birthday", role, (local_port,), targets, ttl, 0.0, interval, False, p)
-    lead = lead_margin(server_rtt) + m * interval
-    return KernelPlan("birthday", role, (0,) * n, (peer,), NORMAL_TTL, lead, interval, False, p)
+        # First the port the server saw for the connector's punch port, which its first connection uses:
+        # where the connector's NAT maps endpoint-independently, that one is a certain hit.
+        known = targets[0].port
+        drawn = (port for port in guess_ports(seed, m + 1, port_range) if port != known)
+        ports = (known, *itertools.islice(drawn, m - 1)) if m else ()
+        guesses = tuple(Endpoint(targets[0].host, port) for port in ports)
+        return KernelPlan(
+            "birthday",
+            role,
+            (local_port,),
+            guesses,
+            ttl,
+            0.0,
+            interval,
+            False,
+            p,
+            listen=True,
+            burst=1,
+            pause=wait,
+        )
+    # The connector's first SYNs need only the primer's first priming SYN out (or none, behind
+    # endpoint-independent filtering); its others wait until the primer's others are out.
+    margin = lead_margin(server_rtt)
+    pause = wait + m * interval
+    return KernelPlan(
+        "birthday",
+        role,
+        (local_port,) + (0,) * (n - 1),
+        targets,
+        NORMAL_TTL,
+        margin,
+        interval,
+        False,
+        p,
+        burst=len(targets),
+        pause=pause,
+    )
+
+
+def listen_pause(server_rtt: float | None) -> float:
+    """How long both sides of a birthday attempt wait for the listener's connection after their first SYNs:
+    the GO skew margin plus two round trips between the peers, estimated by the server's (it sits between
+    them), within 50..600 ms."""
+    rtt = server_rtt or 0.2
+    return min(0.6, max(0.05, lead_margin(server_rtt) + 2 * rtt))
 
 
 def birthday_approximation(n: int, m: int, size: int) -> float:

@@ -13,10 +13,16 @@ Each attempt starts at its own GO (the server's READY/GO repeated with an ``ATTE
 that gives up early waits for the other at the next GO instead of running ahead. The total ``deadline``
 counts from the moment the peer was found; an attempt gets ``BUDGETS[strategy]`` of it, the last one all
 that is left.
+
+A requested cascade that ends in the crafted handshake repeats it once on the next port (``with_retry``; the
+crafted handshake alone discovers a spare port for it): a blind forgery can poison a NAT's conntrack entry
+of the punch so that the flow drops at that NAT, and only a new port gets new entries. The two share what
+is left, half each. ``auto``'s cascades are left as they are: their later attempts run on fresh ports too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -70,22 +76,33 @@ def budget(strategy: str, remaining: float, last: bool) -> float:
 #: Strategies that need nothing but one public endpoint of one port: run alone, they skip the extra
 #: discoveries (each a TCP round trip to the server after both peers registered, so on the clock).
 SINGLE_PORT = frozenset({"crafted-handshake", "low-ttl-listen", "simultaneous-open"})
+#: Ports discovered beyond the first for a single-port strategy alone: for its retry on fresh NAT entries.
+SPARE_PORTS = 1
+#: Strategies repeated on the next discovered port when they end a requested cascade (``with_retry``).
+RETRIED = frozenset({"crafted-handshake"})
 
 
 def discoveries(strategy: str) -> int:
-    """How many local ports to discover: one for a single-port strategy alone, else enough to classify the
-    allocation (auto, port prediction, birthday) and to give each attempt of a cascade a fresh port."""
-    return 1 if strategy in SINGLE_PORT else classify.DISCOVERIES
+    """How many local ports to discover: one for a single-port strategy alone, plus ``SPARE_PORTS`` if it is
+    retried (``with_retry``), else enough to classify the allocation (auto, port prediction, birthday) and
+    to give each attempt of a cascade a fresh port."""
+    if strategy in SINGLE_PORT:
+        return 1 + (SPARE_PORTS if strategy in RETRIED else 0)
+    return classify.DISCOVERIES
 
 
 async def discover(
     client: RendezvousClient, first_port: int, emit: EventSink, count: int = classify.DISCOVERIES
 ) -> list[TcpMapping]:
-    """Public endpoints of ``first_port`` and fresh ports, one after the other (allocation order)."""
-    found = []
-    for i in range(count):
-        mapping = await client.discover_tcp(first_port if i == 0 else 0)
-        found.append(mapping)
+    """Public endpoints of ``first_port`` and fresh ports, one after the other (allocation order); with
+    ``SPARE_PORTS`` only, all at once: a spare is not for classifying, and costs no round trip then."""
+    if count == SPARE_PORTS + 1:
+        found = await asyncio.gather(
+            *(client.discover_tcp(first_port if i == 0 else 0) for i in range(count))
+        )
+    else:
+        found = [await client.discover_tcp(first_port if i == 0 else 0) for i in range(count)]
+    for mapping in found:
         emit(
             {
                 "event": "tcp_endpoint",
@@ -135,10 +152,22 @@ def views(
     return me, peer
 
 
+def attempt_budget(names: tuple[str, ...], i: int, remaining: float) -> float:
+    """Seconds for attempt ``i``: ``budget``, except that the last strategy and its retry (``with_retry``)
+    share what is left, half each."""
+    if names[i] in RETRIED and names[i + 1 :] == (names[i],):
+        return remaining / 2
+    return budget(names[i], remaining, last=i == len(names) - 1)
+
+
 def attempt_port(view: PeerView, attempt: int) -> int:
-    ports = view.info.punch_ports or ((view.info.tcp_port,) if view.info.tcp_port is not None else ())
-    usable = [p for p in ports if p in view.public]
+    usable = _usable_ports(view)
     return usable[attempt % len(usable)]
+
+
+def _usable_ports(view: PeerView) -> list[int]:
+    ports = view.info.punch_ports or ((view.info.tcp_port,) if view.info.tcp_port is not None else ())
+    return [p for p in ports if p in view.public]
 
 
 def plan_cascade(strategy: str, me: PeerView, peer: PeerView) -> tuple[str, ...]:
@@ -147,9 +176,23 @@ def plan_cascade(strategy: str, me: PeerView, peer: PeerView) -> tuple[str, ...]
             f"the peer runs --strategy {peer.info.strategy}, this side {strategy}: both must use the same"
         )
     if strategy != AUTO:
-        return tuple(check_strategy(strategy).split(","))
+        return with_retry(tuple(check_strategy(strategy).split(",")), me, peer)
     slot0, slot1 = (me, peer) if me.slot == 0 else (peer, me)
-    return auto.cascade(slot0.behaviour, slot1.behaviour)
+    try:
+        return auto.cascade(slot0.behaviour, slot1.behaviour)  # its later attempts run on fresh ports anyway
+    except auto.UntraversablePair as exc:
+        raise AttemptFailed(f"--strategy auto gives up at once: {exc}") from None
+
+
+def with_retry(names: tuple[str, ...], me: PeerView, peer: PeerView) -> tuple[str, ...]:
+    """``names``, and once more its last strategy if that is in ``RETRIED`` and both peers have a port left
+    for it: a blind forgery can poison a NAT's conntrack entry of the punch (the flow then drops at that
+    NAT, session.punch_and_splice), and only a fresh port gets fresh entries. Both peers compute the same
+    from the same two infos; the repeat runs only if the first failed, on the next discovered port."""
+    ports = min(len(_usable_ports(me)), len(_usable_ports(peer)))
+    if names and names[-1] in RETRIED and len(names) < ports:
+        return (*names, names[-1])
+    return names
 
 
 async def run_cascade(
@@ -180,7 +223,7 @@ async def run_cascade(
             peer=peer,
             local=Endpoint(client.local_address.host, local_port),
             peer_public=peer.public[attempt_port(peer, i)],
-            budget=budget(name, remaining, last=i == len(names) - 1),
+            budget=attempt_budget(names, i, remaining),
             emit=emit,
             stable_slot=auto.stable_slot_for(names, i, stable),
             **common,  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ through both models only when the plan's ports contain that port.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from rawpunch.punch import natmodel
 from rawpunch.punch.firewall import PunchFlow, render_apply
 from rawpunch.punch.natmodel import CtState, Forward, Nat
 from rawpunch.punch.segment import Flags, Segment
-from rawpunch.strategy import STRATEGY_NAMES, auto, classify, get_strategy, plan
+from rawpunch.strategy import STRATEGY_NAMES, auto, classify, get_strategy, kernel, plan
 from rawpunch.strategy.base import AttemptFailed, PeerView
 from rawpunch.strategy.runner import attempt_port, budget, check_strategy, plan_cascade
 
@@ -115,6 +116,18 @@ AUTO_CASES = {
     "random ports x random ports (quick)": (RANDOM_QUICK, RANDOM_QUICK, "birthday", 0),
     "sequential without delta": (NatBehaviour(allocation="sequential"), UNKNOWN, "crafted-handshake", 0),
     "sequential x sequential": (truth("apdm-sequential", 1), SEQUENTIAL_QUICK, "port-prediction", 0),
+    "address-dependent sequential x random": (
+        truth("adm-adf-sequential", 1),
+        truth("apdm-random"),
+        "birthday",
+        0,
+    ),
+    "symmetric sequential x random ports (quick)": (
+        truth("apdm-sequential", 1),
+        RANDOM_QUICK,
+        "port-prediction",
+        1,
+    ),
 }
 
 
@@ -129,11 +142,18 @@ def test_auto_chooses_from_both_nats(case: str) -> None:
     assert auto.stable_side(slot0, slot1) == stable
 
 
+def cascade_or_reason(a: NatBehaviour, b: NatBehaviour) -> tuple[str, ...] | str:
+    try:
+        return auto.cascade(a, b)
+    except auto.UntraversablePair as exc:
+        return str(exc)
+
+
 def test_both_peers_compute_the_same_cascade() -> None:
     """Each peer calls cascade(slot 0's, slot 1's); the table must not depend on the order either."""
     behaviours = [case[0] for case in AUTO_CASES.values()] + [case[1] for case in AUTO_CASES.values()]
     for a, b in itertools.product(behaviours, repeat=2):
-        assert auto.cascade(a, b) == auto.cascade(b, a)
+        assert cascade_or_reason(a, b) == cascade_or_reason(b, a)
     assert set(auto.CASCADES) == {
         frozenset(pair) for pair in itertools.combinations_with_replacement(auto.NAT_CLASSES, 2)
     }
@@ -239,14 +259,14 @@ def test_port_prediction_through_a_sequential_nat_model(next_port: int) -> None:
 
 
 def test_without_priming_or_with_a_wrong_delta_the_sequential_nat_keeps_the_connector_out() -> None:
-    for targets_of in (
-        lambda last: (),
-        lambda last: (
-            plan.port_prediction(
-                "primer", Q, plan.Prediction(S_PUB, last, 5), Endpoint(E_PUB, Q), 2, 0.01
-            ).targets
-        ),
-    ):
+    def unprimed(last: int) -> tuple[Endpoint, ...]:
+        return ()
+
+    def wrong_delta(last: int) -> tuple[Endpoint, ...]:
+        prediction = plan.Prediction(S_PUB, last, 5)
+        return plan.port_prediction("primer", Q, prediction, Endpoint(E_PUB, Q), 2, 0.01).targets
+
+    for targets_of in (unprimed, wrong_delta):
         primer, connector = nats("apdm-sequential", next_port=2000)
         connector, seen = discover(connector, [41000, 41001, 41002], 0.0)
         primer, own = discover(primer, [Q], 0.0)
@@ -358,15 +378,21 @@ def test_the_default_budget_expects_95_percent_on_linux_s_port_range() -> None:
 
 def test_birthday_plans_stay_within_the_syn_budget_and_rate() -> None:
     seed = b"both nonces"
-    primer = plan.birthday("primer", Q, Endpoint(S_PUB, 1), 2, 0.02, seed, budget=200, rate=1000)
+    primer = plan.birthday("primer", Q, Endpoint(S_PUB, 2000), 2, 0.02, seed, budget=200, rate=1000)
     connector = plan.birthday("connector", 41000, Endpoint(E_PUB, Q), 2, 0.02, seed, budget=200, rate=1000)
     assert primer.syns + connector.syns == 200
     assert len(set(primer.targets)) == len(primer.targets) == 100
     assert all(plan.PORT_RANGE[0] <= t.port <= plan.PORT_RANGE[1] for t in primer.targets)
     assert primer.interval == connector.interval == 1 / 1000
-    assert connector.lead >= 100 / 1000  # the primer's SYNs are out first
+    # One SYN for a listening primer at once; the others once the primer's SYNs are out.
+    assert connector.burst == 1 and connector.lead + connector.pause >= connector.lead + 100 / 1000
     assert primer.probability == connector.probability
-    assert plan.guess_ports(seed, 100) == tuple(t.port for t in primer.targets)  # both recompute it
+    # First the connector's punch port as the server saw it (a hit if its NAT maps endpoint-independently),
+    # then guesses both peers recompute from the seed.
+    assert primer.targets[0] == Endpoint(S_PUB, 2000) and connector.local_ports[0] == 41000
+    assert set(connector.local_ports[1:]) == {0}
+    drawn = [port for port in plan.guess_ports(seed, 101) if port != 2000]
+    assert drawn[:99] == [t.port for t in primer.targets[1:]]
     assert plan.guess_ports(b"other", 100) != plan.guess_ports(seed, 100)
 
 
@@ -490,3 +516,106 @@ def test_a_repeated_strategy_swaps_the_stable_side() -> None:
     assert names[:2] == ("birthday", "birthday")
     assert [auto.stable_slot_for(names, i, 0) for i in range(len(names))] == [0, 1, 0]
     assert [auto.stable_slot_for(names, i, 1) for i in range(len(names))] == [1, 0, 1]
+
+
+# --- who primes, and pairs no guessing reaches -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("slot0", "slot1", "primer"),
+    [
+        (PRESERVING_QUICK, RANDOM_QUICK, 0),  # the stable side
+        (RANDOM_QUICK, SEQUENTIAL_QUICK, 1),  # the sequential side: its next ports are predicted
+        (truth("apdm-random"), truth("adm-adf-sequential", 1), 1),
+        (RANDOM_QUICK, RANDOM_QUICK, 0),
+    ],
+)
+def test_birthday_primes_from_the_side_the_other_can_aim_at(
+    slot0: NatBehaviour, slot1: NatBehaviour, primer: int
+) -> None:
+    names = auto.cascade(slot0, slot1)
+    first = names.index("birthday")
+    stable = auto.stable_slot_for(names, first, auto.stable_side(slot0, slot1))
+    assert auto.birthday_primer(slot0, slot1, stable) == primer
+    if names.count("birthday") == 2:  # the repeat swaps the roles
+        second = names.index("birthday", first + 1)
+        swapped = auto.stable_slot_for(names, second, auto.stable_side(slot0, slot1))
+        assert auto.birthday_primer(slot0, slot1, swapped) == 1 - primer
+
+
+def test_random_ports_against_sequential_ones_try_prediction_then_the_sequential_side_primes() -> None:
+    assert auto.cascade(RANDOM_QUICK, SEQUENTIAL_QUICK) == ("port-prediction", "birthday")
+    assert auto.cascade(truth("adm-adf-sequential", 1), truth("apdm-random")) == ("birthday",)
+
+
+def test_a_symmetric_sequential_nat_against_a_random_one_gives_up_at_once_and_says_why() -> None:
+    symmetric = truth("apdm-sequential", 1)
+    with pytest.raises(auto.UntraversablePair, match="no port guessing reaches it"):
+        auto.cascade(symmetric, truth("apdm-random"))
+    # Random ports with the mapping unknown may be endpoint-independent: port prediction alone is left.
+    assert auto.cascade(RANDOM_QUICK, symmetric) == ("port-prediction",)
+    me = PeerView(0, PeerInfo(punch_ports=(1,), strategy="auto"), symmetric, {1: Endpoint(S_PUB, 1)}, 1)
+    peer = PeerView(1, PeerInfo(punch_ports=(2,), strategy="auto"), truth("apdm-random"), {2: SERVER}, 2)
+    with pytest.raises(AttemptFailed, match="gives up at once: a NAT with sequential ports"):
+        plan_cascade("auto", me, peer)
+
+
+def test_the_birthday_connector_aims_at_a_sequential_primers_next_ports_in_turn() -> None:
+    predicted = plan.Prediction(E_PUB, 2000, 1)
+    connector = plan.birthday("connector", 0, predicted, 2, 0.02, b"seed", budget=200, rate=1000)
+    window = predicted.endpoints()
+    assert connector.targets == window and connector.burst == len(window)
+    pairs = list(kernel._pairs(connector))
+    assert len(pairs) == 100 and [t for _, t in pairs[: 2 * len(window)]] == [*window, *window]
+    # Each connection guesses right only if it aims at the real mapping too: n / window draws count.
+    assert connector.probability == plan.birthday_probability(-(-100 // len(window)), 100, 64512)
+    primer = plan.birthday("primer", Q, Endpoint(S_PUB, 1), 2, 0.02, b"seed", budget=200, rate=1000)
+    assert primer.listen and not connector.listen
+    assert connector.lead + connector.pause >= primer.syns * primer.interval  # the rest after the guesses
+
+
+def listener_handshake(primer: Nat, primer_lan: Endpoint, connector: Nat, aim: Endpoint) -> bool:
+    """The connector's SYN from a fresh port to ``aim``; True if the primer's NAT lets it in to
+    ``primer_lan`` (where the listener takes it) and the listener's SYN-ACK gets back through both."""
+    lan = Endpoint(S_LAN, 45000)
+    connector, out = natmodel.outbound(connector, syn(lan, aim, S_ISN), 0.1)
+    assert isinstance(out, Forward) and isinstance(out.item, Segment)
+    primer, into = natmodel.inbound(primer, out.item, 0.2)
+    if not (isinstance(into, Forward) and into.item.dst == primer_lan):
+        return False
+    synack = Segment(primer_lan, out.item.src, seq=E_ISN, ack=S_ISN + 1, flags=Flags.SYN | Flags.ACK)
+    primer, back = natmodel.outbound(primer, synack, 0.3)
+    assert isinstance(back, Forward) and isinstance(back.item, Segment)
+    connector, home = natmodel.inbound(connector, back.item, 0.4)
+    return isinstance(home, Forward) and home.item.dst == lan
+
+
+@pytest.mark.parametrize(
+    ("primer_profile", "gets_in"),
+    [("adm-adf-sequential", True), ("eim-eif", True), ("apdm-sequential", False), ("eim-apdf", False)],
+)
+def test_a_listening_primer_takes_the_random_sides_syn_where_its_nat_filters_by_address(
+    primer_profile: str, gets_in: bool
+) -> None:
+    """One priming SYN to a wrong guess of the peer's port: behind address-dependent or endpoint-independent
+    filtering the connector's SYN from its random port reaches the listener at the predicted next port."""
+    primer, connector = nats("apdm-random", primer_profile)
+    connector = dataclasses.replace(connector, seed=7)
+    primer, found = discover(primer, [Q, Q + 1], 0.0)
+    lan = Endpoint(E_LAN, Q + 1)
+    primer, verdict = natmodel.outbound(primer, syn(lan, Endpoint(S_PUB, 1), E_ISN, ttl=2), 0.05)
+    assert isinstance(verdict, Forward) and isinstance(verdict.item, Segment)
+    allocation = get_profile(primer_profile).allocation
+    if allocation == "sequential":
+        assert verdict.item.src == plan.Prediction(E_PUB, found[-1].public.port, 1).endpoints(1)[0]
+    assert listener_handshake(primer, lan, connector, verdict.item.src) is gets_in
+
+
+def test_two_maybe_stable_sides_guess_both_ways_at_once_and_no_other_pair_does() -> None:
+    """Either may be the endpoint-independent one that must prime: a one-way attempt is a coin toss."""
+    pairs = list(
+        itertools.product([PRESERVING_QUICK, RANDOM_QUICK, SEQUENTIAL_QUICK, truth("apdm-random")], repeat=2)
+    )
+    both = [(a, b) for a, b in pairs if auto.guesses_both_ways(a, b)]
+    assert both == [(RANDOM_QUICK, RANDOM_QUICK)]
+    assert auto.cascade(RANDOM_QUICK, RANDOM_QUICK)[0] == "birthday"
