@@ -92,7 +92,10 @@ def add_peer_parser(sub: Any, endpoint: Any) -> None:
         type=_syn_budget,
         default=1000,
         metavar="N",
-        help="SYNs of a birthday attempt, both sides together (default 1000: about 98%% success)",
+        help=(
+            "SYNs of a birthday attempt, both sides together (default 1000: about 98%% success); when both "
+            "NATs may be stable, one attempt guesses both ways, each way with this budget"
+        ),
     )
     p.add_argument("--port", type=int, default=0, help="local TCP port to punch from (default: any free)")
     p.add_argument(
