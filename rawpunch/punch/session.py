@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import fcntl
 import hashlib
 import hmac
 import logging
@@ -38,7 +37,6 @@ import os
 import socket
 import struct
 import subprocess
-import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -475,7 +473,7 @@ class WrongSecret(PunchError):
 #: round trips, if more) counts as a broken path: a NAT entry poisoned by a forgery drops the flow. The
 #: floor leaves room for two kernel retransmissions (RTO >= 200 ms) of a lost challenge.
 AUTH_FLOOR, AUTH_RTTS = 1.0, 8
-_ACK_POLL = 0.0005  # seconds between SIOCOUTQ reads while our proof is in flight (an ioctl each)
+CONFIRM = b"\x01"  # "your proof verified": the last message of the authentication
 
 
 def auth_timeout(rtt: float | None, remaining: float) -> float:
@@ -491,15 +489,18 @@ async def _authenticate(sock: socket.socket, keys: SessionKeys, slot: int, timeo
     (it cannot, the ISNs are sealed, but defence in depth) fails here and the socket is closed
     (``WrongSecret``, at once).
 
-    Success needs both: the peer's proof verified, and our own proof acknowledged by the peer's kernel
-    (SIOCOUTQ, bytes not yet acknowledged, is 0), so it is in the peer's receive queue and the peer
-    verifies it too. Without the second, one side could hand over a socket while the other, whose NAT
-    drops our segments, gives up and moves on to the next attempt. Anything short of both within
-    ``timeout`` is a ``PunchError`` naming the step that got no answer: a broken path, which another
-    attempt on fresh NAT entries may not have.
+    Success needs both: the peer's proof verified, and the peer's ``CONFIRM`` that ours did. Without the
+    second, one side could hand over a socket while the other, whose NAT drops our segments, gives up and
+    moves on to the next attempt. (The last message can still be lost with the path, the two generals'
+    problem; TCP retransmits it within the peer's timeout, which leaves room for two retransmissions.)
+    Anything short of both within ``timeout`` is a ``PunchError`` naming the step that got no answer: a
+    broken path, which another attempt on fresh NAT entries may not have.
     """
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
+    # Each message follows one not yet acknowledged (the peer, sending right after receiving, delays its
+    # ACKs): Nagle's algorithm would hold each back for that delayed ACK, about 40 ms.
+    _nodelay(sock, True)
     mine = os.urandom(CHALLENGE_LEN)
     step = "no challenge from the peer"
     try:
@@ -509,39 +510,26 @@ async def _authenticate(sock: socket.socket, keys: SessionKeys, slot: int, timeo
             step = "the peer's challenge came, but no proof"
             await loop.sock_sendall(sock, keys.prove(theirs, struct.pack("!B", slot)))
             proof = await _recv_exactly(loop, sock, hashlib.sha256().digest_size)
-            _ack_now(sock)  # the peer waits for this ACK: not the delayed ACK's 40 ms
             if not hmac.compare_digest(proof, keys.prove(mine, struct.pack("!B", 1 - slot))):
                 sock.close()
                 raise WrongSecret(
                     "the other end of the punched connection does not know the session secret: closed"
                 )
-            step = "the peer's proof verified, but the peer's kernel did not acknowledge ours"
-            await _all_acknowledged(sock)
+            step = "the peer's proof verified, but no word that ours did"
+            await loop.sock_sendall(sock, CONFIRM)
+            if await _recv_exactly(loop, sock, len(CONFIRM)) != CONFIRM:
+                raise OSError("the peer's confirmation is garbled")
     except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
         sock.close()
         why = f"within {timeout:.3g} s" if isinstance(exc, TimeoutError) else f"({str(exc) or repr(exc)})"
         raise PunchError(f"peer authentication on the punched connection failed: {step} {why}") from None
+    _nodelay(sock, False)  # handed over with the kernel's defaults
     sock.setblocking(True)
 
 
-def _ack_now(sock: socket.socket) -> None:
-    """Acknowledge what we have received at once (TCP_QUICKACK sends a pending ACK, tcp(7)). A spliced
-    socket starts without the quick-ACK credit of a kernel handshake, so it would delay the ACK."""
+def _nodelay(sock: socket.socket, on: bool) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-
-
-async def _all_acknowledged(sock: socket.socket) -> None:
-    """Until the peer's kernel has acknowledged everything we sent. The kernel has no event for it, so
-    this polls every ``_ACK_POLL`` (bounded by the caller's timeout); the ACK itself takes a round trip."""
-    while _unacknowledged(sock):
-        await asyncio.sleep(_ACK_POLL)
-
-
-def _unacknowledged(sock: socket.socket) -> int:
-    """SIOCOUTQ (= TIOCOUTQ): bytes written to ``sock`` that the peer has not acknowledged yet."""
-    (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
-    return int(count)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(on))
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
