@@ -266,6 +266,11 @@ class SegmentQueue:
         self.pass_through = False
         """Set once the spliced socket exists: packets are still shown to the callbacks, then go on to the
         kernel (a verdict, where removing the rule would take an iptables call)."""
+        self.hold: Callable[[Segment], bool] | None = None
+        """Segments it returns True for are kept without a verdict until ``pass_to_kernel``: the peer's first
+        data, sent as soon as its socket existed, reaches ours once it exists instead of being dropped here
+        and retransmitted a retransmission timeout (>= 200 ms) later."""
+        self._held: list[Any] = []
         self.claim: Callable[[bytes], bool] | None = None
         """Behind a port-scoped rule (the early guard): only IP packets it returns True for are the punch's
         (``from_peer``); the others go on to the kernel unseen and unparsed. None: every packet is."""
@@ -330,6 +335,9 @@ class SegmentQueue:
 
     def close(self) -> None:
         """Detach and unbind: packets still matching a ``--queue-bypass`` rule then go to the kernel."""
+        held, self._held = self._held, []
+        for pkt in held:
+            pkt.drop()  # the punch failed: nobody takes them
         self.detach()
         nfq, self._nfq = self._nfq, None
         if nfq is not None:
@@ -353,25 +361,40 @@ class SegmentQueue:
         """Hand the queue to a new owner (the engine takes over the early guard's queue)."""
         self._on_segment, self._on_icmp, self.claim = on_segment, on_icmp, claim
 
+    def pass_to_kernel(self) -> None:
+        """The flow's kernel socket exists: from now on packets go on to it, the held ones first."""
+        self.pass_through = True
+        held, self._held = self._held, []
+        for pkt in held:
+            pkt.accept()
+
     def _on_packet(self, pkt: Any) -> None:
-        ours = True
+        ours, held = True, False
         try:
             data = pkt.get_payload()
             ours = self.claim is None or self.claim(data)
-            if ours:
-                self._deliver(data)
+            item = self._deliver(data) if ours else None
+            if ours and not self.pass_through and self._holds(item):
+                pkt.retain()  # its verdict comes from pass_to_kernel, or close
+                self._held.append(pkt)
+                held = True
         finally:
-            if self.pass_through or not ours:
+            if held:
+                pass
+            elif self.pass_through or not ours:
                 pkt.accept()  # a kernel socket takes it: the spliced flow's, or not the punch's at all
             else:
                 pkt.drop()  # consumed: the kernel must never see it
 
-    def _deliver(self, data: bytes) -> None:
+    def _holds(self, item: Segment | IcmpError | None) -> bool:
+        return isinstance(item, Segment) and self.hold is not None and self.hold(item)
+
+    def _deliver(self, data: bytes) -> Segment | IcmpError | None:
         try:
             item: Segment | IcmpError = parse_icmp(data) if data[9:10] == b"\x01" else parse_ip(data)
         except Exception:  # scapy raises anything on junk
             self.rejected += 1
-            return
+            return None
         self.received += 1
         try:
             if isinstance(item, Segment):
@@ -380,6 +403,7 @@ class SegmentQueue:
                 self._on_icmp(item)
         except Exception:
             log.exception("NFQUEUE %d: callback failed on %s", self.queue_num, item)
+        return item
 
 
 def from_peer(data: bytes, peer: Endpoint) -> bool:

@@ -14,11 +14,11 @@ the kernel::
 
 Ordering matters (FACTS.md, "TCP_REPAIR"): the queue is bound before the rules go in (a segment in between
 would reach the kernel and be answered with RST). Once our socket is spliced, the queue passes the flow's
-segments on to it (a verdict change, no iptables call on this path); a peer that has not spliced yet
-still captures our repair-off window probe in its own queue, and its own probe tells us its socket
-exists (``seq == peer ISN``): only then do we send our challenge, which its queue would otherwise eat.
-The RST drop stays until the challenge has crossed both ways, which proves both sockets exist, and then
-every rule goes.
+segments on to it (a verdict change, no iptables call on this path). We send our challenge at once; a
+peer that has not spliced yet holds it in its queue without a verdict (NFQUEUE lets a verdict wait) and
+lets it through to its socket once that exists, instead of dropping it and leaving it to our kernel's
+retransmission 200 ms or more later. The RST drop stays until the authentication has crossed both ways,
+which proves both sockets exist, and then every rule goes.
 
 ``syn_delay`` (priming SYN to real SYN) covers the skew between the two GOs, which the server's
 RTT-compensated delays keep to the error of the RTT estimates: a quarter of the RTT to the server,
@@ -58,7 +58,7 @@ from rawpunch.punch.engine import (
 from rawpunch.punch.firewall import FirewallGuard, PunchFlow
 from rawpunch.punch.pathprobe import choose_priming_ttl
 from rawpunch.punch.rawio import IcmpError, RawSender, SegmentQueue, from_peer
-from rawpunch.punch.segment import Segment, TcpOptions
+from rawpunch.punch.segment import Segment, TcpOptions, seq_add
 from rawpunch.punch.splice import kernel_wscale, splice
 from rawpunch.rendezvous.client import RendezvousClient
 
@@ -304,13 +304,11 @@ async def punch_and_splice(ctx: AttemptContext, config: PunchConfig) -> socket.s
         connected = await driver.run()
         mark("punch")
         sock = _splice(connected)
-        # Our socket exists: let the flow's segments reach it. Switching the queue's verdict costs
-        # nothing, where removing the capture rule would cost an iptables-restore on this path.
-        driver.queue.pass_through = True
+        # Our socket exists: let the flow's segments reach it, the peer's challenge first if it came
+        # already. Switching the queue's verdict costs nothing, where removing the capture rule would
+        # cost an iptables-restore on this path.
+        driver.queue.pass_to_kernel()
         mark("splice")
-        # Our challenge must not reach the peer before its socket exists, or its queue eats it and
-        # only our kernel's retransmission (>= 200 ms later) gets through.
-        await driver.wait_peer_spliced(timeout=max(1.0, 4 * (ctx.client.core.rtt or 0.25)))
         # A few RTTs, within the attempt's budget: a flow that carries nothing by then runs over a NAT
         # entry poisoned by a forgery, and the cascade retries on a fresh port (runner.with_retry).
         await _authenticate(sock, ctx.keys, ctx.slot, auth_timeout(ctx.client.core.rtt, ctx.remaining()))
@@ -364,23 +362,31 @@ class _EngineDriver:
         self.loop = asyncio.get_running_loop()
         self.wakeup = asyncio.Event()
         self.connected: Connected | None = None
-        self.peer_spliced = asyncio.Event()
         if queue is None:
             self.queue = SegmentQueue(self._on_segment, on_icmp=self._on_icmp)
         else:
             self.queue = queue
             queue.handlers(self._on_segment, self._on_icmp, self._claims)
+        self.queue.hold = self._holds
         self.sender = RawSender()
+
+    def _holds(self, seg: Segment) -> bool:
+        """The peer's first data (its challenge), sent once its socket existed, before ours does: exactly
+        where our socket's receive sequence will start, so nothing else gets into it this way. Judged
+        after the engine saw it (its ACK can be the one that completes our handshake)."""
+        config = self.engine.config
+        return (
+            bool(seg.payload)
+            and self.engine.state is PunchState.ESTABLISHED
+            and seg.seq == seq_add(config.peer_isn, 1)
+            and seg.ack == seq_add(config.isn, 1)
+        )
 
     def _claims(self, data: bytes) -> bool:
         return from_peer(data, self.engine.config.peer)
 
     def _on_segment(self, seg: Segment) -> None:
         self.engine.receive_segment(seg, self.loop.time())
-        # The peer's repair-off window probe (seq = its ISN, ACK, no SYN) says its socket exists. Judge by
-        # the engine's state, not by our own Connected event: both can arrive in one NFQUEUE batch.
-        if self.engine.state is PunchState.ESTABLISHED and _is_splice_probe(seg, self.engine.config.peer_isn):
-            self.peer_spliced.set()
         self.wakeup.set()
 
     def _on_icmp(self, err: IcmpError) -> None:
@@ -426,22 +432,12 @@ class _EngineDriver:
                 await self._sleep_until_timer()
             self._flush()
 
-    async def wait_peer_spliced(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self.peer_spliced.wait(), timeout)
-        except TimeoutError:
-            log.info("no window probe from the peer within %.1f s; assuming it spliced", timeout)
-
     def close(self) -> None:
         task = getattr(self, "_keepalive", None)
         if task is not None:
             task.cancel()
         self.queue.close()
         self.sender.close()
-
-
-def _is_splice_probe(seg: Segment, peer_isn: int) -> bool:
-    return seg.seq == peer_isn and seg.is_ack and not seg.syn and not seg.rst
 
 
 def _splice(c: Connected) -> socket.socket:

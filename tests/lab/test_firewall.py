@@ -423,6 +423,62 @@ def test_early_guard_claims_the_peer_and_gives_the_rest_to_the_kernel(lab_factor
     assert "rawpunch" not in node_rules(lab.node("a")).lower()
 
 
+def hold_side(sync: threading.Barrier, peer: str) -> tuple[list[bytes], tuple[int, ...], tuple[int, ...]]:
+    return asyncio.run(_hold(sync, peer))
+
+
+async def _hold(sync: threading.Barrier, peer: str) -> tuple[list[bytes], tuple[int, ...], tuple[int, ...]]:
+    """Data that comes before our socket exists waits in the queue, and reaches the kernel when told."""
+    loop = asyncio.get_running_loop()
+    seen: list[bytes] = []
+    arrived = asyncio.Event()
+
+    def on_segment(seg: Segment) -> None:
+        seen.append(seg.payload)
+        arrived.set()
+
+    with SegmentQueue(on_segment) as queue:
+        queue.hold = lambda seg: bool(seg.payload)
+        queue.attach(loop)
+        with FirewallGuard(PunchFlow(A_PORT, Endpoint(peer, B_PORT), queue.queue_num, local_host=A_HOST)):
+            before = tcp_counters()
+            await loop.run_in_executor(None, sync.wait)  # 1: guard up; b sends its data and a bare ACK
+            await asyncio.wait_for(arrived.wait(), DEADLINE_S)
+            while len(seen) < 2:  # the ACK, behind the data in the queue
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), DEADLINE_S)
+            while_held = counted(before, "InSegs")
+            queue.pass_to_kernel()
+            deadline = time.monotonic() + DEADLINE_S
+            while counted(before, "InSegs") == while_held and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            after = counted(before, "InSegs", "OutRsts")
+            await loop.run_in_executor(None, sync.wait)  # 2
+    return seen, while_held, after
+
+
+def hold_probe_side(sync: threading.Barrier, peer: str) -> None:
+    tx = RawSender()
+    try:
+        sync.wait()  # 1
+        data = Segment(Endpoint(B_HOST, B_PORT), Endpoint(A_HOST, A_PORT), seq=1001, ack=7, flags=Flags.ACK)
+        tx.send(data.with_(payload=b"challenge", flags=Flags.ACK | Flags.PSH))
+        tx.send(data.with_(seq=1010))  # a bare ACK: not held, dropped
+        sync.wait()  # 2
+    finally:
+        tx.close()
+
+
+def test_held_data_reaches_the_kernel_only_when_passed_on(lab_factory: LabFactory) -> None:
+    lab = lab_factory(PAIR)
+    (seen, while_held, after), _ = run_pair(lab, hold_side, hold_probe_side, B_HOST)
+    assert seen == [b"challenge", b""]
+    assert while_held == (0,), "the kernel got a segment the queue held or dropped"
+    # Passed on, the data met no socket: the stack answered with a RST, which the guard kept in.
+    assert after == (1, 1)
+    assert "rawpunch" not in node_rules(lab.node("a")).lower()
+
+
 def bypass_side(sync: threading.Barrier, peer: str) -> tuple[tuple[int, ...], str]:
     queue = SegmentQueue(lambda seg: None)
     with FirewallGuard(PunchFlow(A_PORT, Endpoint(peer, B_PORT), queue.queue_num)) as guard:
