@@ -32,6 +32,7 @@ from typing import IO, Any
 from rawpunch.proto.codec import Endpoint, ResultCode, ResultInfo, TcpMapping
 from rawpunch.proto.peerinfo import Capability, PeerInfo
 from rawpunch.strategy import STRATEGY_NAMES
+from rawpunch.strategy.plan import BIRTHDAY_SYN_BUDGET
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_ROOT, EXIT_NO_SUPPORT = 1, 2, 3, 4
 MIN_SECRET_LEN = 16
@@ -90,10 +91,11 @@ def add_peer_parser(sub: Any, endpoint: Any) -> None:
     p.add_argument(
         "--syn-budget",
         type=_syn_budget,
-        default=1000,
+        default=BIRTHDAY_SYN_BUDGET,
         metavar="N",
         help=(
-            "SYNs of a birthday attempt, both sides together (default 1000: about 98%% success); when both "
+            f"SYNs of a birthday attempt, both sides together (default {BIRTHDAY_SYN_BUDGET}: about 99.98%% "
+            "success); when both "
             "NATs may be stable, one attempt guesses both ways, each way with this budget"
         ),
     )

@@ -61,6 +61,7 @@ from rawpunch.punch.rawio import IcmpError, RawSender, SegmentQueue, from_peer
 from rawpunch.punch.segment import Segment, TcpOptions, seq_add
 from rawpunch.punch.splice import kernel_wscale, splice
 from rawpunch.rendezvous.client import RendezvousClient
+from rawpunch.strategy.plan import BIRTHDAY_SYN_BUDGET
 
 if TYPE_CHECKING:
     from rawpunch.strategy.base import AttemptContext
@@ -91,7 +92,7 @@ class PunchSettings:
     """Seconds for the punch once the peer was found: all attempts of the strategy cascade together."""
     strategy: str = "auto"
     """A name of ``rawpunch.strategy.STRATEGY_NAMES``; ``auto`` chooses a cascade from both NATs."""
-    syn_budget: int = 1000
+    syn_budget: int = BIRTHDAY_SYN_BUDGET
     """SYNs of a birthday attempt, both sides together: success ~ 1 - exp(-(budget/2)^2 / 64512)."""
     peer_timeout: float = 60.0
     authenticate: bool = True

@@ -21,6 +21,7 @@ from rawpunch.proto.keys import SessionKeys
 from rawpunch.proto.peerinfo import PeerInfo
 from rawpunch.punch.segment import TcpOptions
 from rawpunch.rendezvous.client import RendezvousClient
+from rawpunch.strategy.plan import BIRTHDAY_SYN_BUDGET
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -61,7 +62,7 @@ class AttemptContext:
     """Seconds from GO that this attempt may take."""
     emit: EventSink
     pcap: str | None = None
-    syn_budget: int = 1000
+    syn_budget: int = BIRTHDAY_SYN_BUDGET
     """SYNs both sides of a birthday attempt may send together (``--syn-budget``)."""
     stable_slot: int = 0
     """The slot whose NAT is stable (auto.stable_side): it primes in prediction and guessing."""
