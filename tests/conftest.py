@@ -18,7 +18,6 @@ Everything is per process, so it is safe under pytest-xdist: run ids are random,
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 
 from rawpunch.lab.netns import Lab, created_run_ids, netns_name
-from rawpunch.lab.nsproc import kill_netns_processes, list_netns, remove_netns
+from rawpunch.lab.nsproc import exclusive_lock, kill_netns_processes, list_netns, remove_netns
 from rawpunch.lab.registry import record_path
 from rawpunch.lab.topology import Topology, two_nats
 
@@ -83,13 +82,8 @@ def exclusive_cleanup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     lab and guard record on the host), so under ``pytest -n`` one such test's cleaner would take another's
     dead run and that test's own cleaner would find nothing: they take turns, through a lock file in the
     temporary directory all xdist workers share (pytest removes it with its old temporary directories)."""
-    path = tmp_path_factory.getbasetemp().parent / "exclusive-cleanup.lock"
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(tmp_path_factory.getbasetemp().parent / "exclusive-cleanup.lock"):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -106,16 +106,23 @@ def kill_netns_processes(names: Iterable[str], timeout: float = 3.0) -> list[int
 
 
 @contextlib.contextmanager
-def _creation_lock() -> Iterator[None]:
-    # The first namespace ever created makes /run/netns a shared mount; two processes doing that at once
-    # (pytest-xdist) could stack bind mounts. A short exclusive lock serialises just the creation.
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    with open(_CREATE_LOCK, "a") as lock:
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on *path* (created if missing) across processes for the block."""
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _creation_lock() -> Iterator[None]:
+    # The first namespace ever created makes /run/netns a shared mount; two processes doing that at once
+    # (pytest-xdist) could stack bind mounts. A short exclusive lock serialises just the creation.
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(_CREATE_LOCK):
+        yield
 
 
 def create_netns(name: str) -> None:

@@ -44,6 +44,7 @@ on readiness; ``queue.wait(timeout)`` does the same for a synchronous driver.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -369,22 +370,22 @@ class SegmentQueue:
             pkt.accept()
 
     def _on_packet(self, pkt: Any) -> None:
-        ours, held = True, False
+        # Whatever happens below, the packet gets one verdict: the kernel's if its socket exists, else
+        # consumed (the kernel must never see it); None once it is held for ``pass_to_kernel``.
+        verdict = pkt.accept if self.pass_through else pkt.drop
         try:
             data = pkt.get_payload()
-            ours = self.claim is None or self.claim(data)
-            item = self._deliver(data) if ours else None
-            if ours and not self.pass_through and self._holds(item):
-                pkt.retain()  # its verdict comes from pass_to_kernel, or close
+            if self.claim is not None and not self.claim(data):
+                verdict = pkt.accept  # not the punch's: the kernel's business
+                return
+            item = self._deliver(data)
+            if not self.pass_through and self._holds(item):
+                pkt.retain()
                 self._held.append(pkt)
-                held = True
+                verdict = None
         finally:
-            if held:
-                pass
-            elif self.pass_through or not ours:
-                pkt.accept()  # a kernel socket takes it: the spliced flow's, or not the punch's at all
-            else:
-                pkt.drop()  # consumed: the kernel must never see it
+            if verdict is not None:
+                verdict()
 
     def _holds(self, item: Segment | IcmpError | None) -> bool:
         return isinstance(item, Segment) and self.hold is not None and self.hold(item)
@@ -425,4 +426,10 @@ def from_peer(data: bytes, peer: Endpoint) -> bool:
             return False
     except (IndexError, struct.error):
         return False  # too short to be either: the kernel's business
-    return bool(host == IPv4Address(peer.host).packed and port == peer.port)
+    return bool(host == _packed(peer.host) and port == peer.port)
+
+
+@functools.lru_cache(maxsize=16)
+def _packed(host: str) -> bytes:
+    """The address's four bytes, parsed once per peer rather than once per packet."""
+    return IPv4Address(host).packed

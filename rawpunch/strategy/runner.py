@@ -94,9 +94,10 @@ def discoveries(strategy: str) -> int:
 async def discover(
     client: RendezvousClient, first_port: int, emit: EventSink, count: int = classify.DISCOVERIES
 ) -> list[TcpMapping]:
-    """Public endpoints of ``first_port`` and fresh ports, one after the other (allocation order); with
-    ``SPARE_PORTS`` only, all at once: a spare is not for classifying, and costs no round trip then."""
-    if count == SPARE_PORTS + 1:
+    """Public endpoints of ``first_port`` and fresh ports, one after the other (allocation order); fewer
+    than ``classify.DISCOVERIES`` (a single-port strategy and its spare: nothing to classify) all at once,
+    so a spare costs no round trip."""
+    if count < classify.DISCOVERIES:
         found = await asyncio.gather(
             *(client.discover_tcp(first_port if i == 0 else 0) for i in range(count))
         )
