@@ -7,6 +7,10 @@ processes with a fresh session secret, bounded by the punch timeout. Every punch
 punch in flight; ``DIR/matrix.md`` and ``DIR/matrix.png`` are regenerated from that file at the end of every
 run, interrupted or not. Independent pairs may run in parallel (``--jobs``): each has its own lab.
 
+A failed punch also leaves ``DIR/failures/<nat a>_x_<nat b>-<strategy>-<rep>.json``: both peers' exit codes,
+``--events`` lines and stderr, so a miss can be explained after the run (the one-line reason in the results
+is only the first failing peer's last error).
+
 Ctrl-C (or SIGTERM) tears the labs down at once; a punch cut short that way is not recorded, since it did
 not fail on its own.
 """
@@ -24,7 +28,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +59,7 @@ if TYPE_CHECKING:
     from rawpunch.proto.codec import Endpoint
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_ROOT, EXIT_INTERRUPTED = 1, 2, 3, 130
-RESULTS, MARKDOWN, PICTURE = "results.jsonl", "matrix.md", "matrix.png"
+RESULTS, MARKDOWN, PICTURE, FAILURES = "results.jsonl", "matrix.md", "matrix.png", "failures"
 #: The strategy the punch had before there was a choice; what the peer runs when it takes no --strategy.
 BASELINE_STRATEGY = "crafted-handshake"
 MAX_JOBS = 8
@@ -368,6 +372,8 @@ def _run_in_lab(run: Run, pair: tuple[str, str], left: list[Cell]) -> None:
                 )
             result = outcome(reports)
             run.results.append(cell, result, lab.run_id)
+            if not result.success:
+                write_failure(run.results.path.parent / FAILURES, cell, reports, lab.run_id)
             left.pop(0)
             run.progress(result.success)
 
@@ -386,6 +392,22 @@ def punch_once(lab: Lab, server: Endpoint, cell: Cell, run: Run) -> dict[str, Pe
         )
         for n, r in runs.items()
     }
+
+
+def failure_path(directory: Path, cell: Cell) -> Path:
+    return directory / f"{cell.nat_a}_x_{cell.nat_b}-{cell.strategy}-{cell.rep}.json"
+
+
+def write_failure(directory: Path, cell: Cell, reports: dict[str, PeerReport], lab: str) -> Path:
+    """Both peers' reports of a failed punch (a rerun of the same cell overwrites it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = failure_path(directory, cell)
+    peers = {
+        n: {"returncode": r.returncode, "events": list(r.events), "stderr": r.stderr}
+        for n, r in reports.items()
+    }
+    path.write_text(json.dumps({"cell": asdict(cell), "lab": lab, "peers": peers}, indent=1) + "\n")
+    return path
 
 
 def write_outputs(request: Request, records: list[dict[str, Any]], head: dict[str, Any]) -> None:

@@ -320,3 +320,21 @@ def test_resuming_under_other_conditions_is_refused(tmp_path: Path) -> None:
     matrix_run.ResultsFile(tmp_path / "r.jsonl", Conditions(delay_ms=30), "abc")
     with pytest.raises(MatrixError, match="other conditions"):
         matrix_run.ResultsFile(tmp_path / "r.jsonl", Conditions(delay_ms=0), "abc")
+
+
+def test_a_failed_punch_leaves_both_peers_reports(tmp_path: Path) -> None:
+    cell = Cell("eim-eif", "apdm-random", "birthday", 3)
+    reports = {
+        "a": PeerReport(
+            1, [{"event": "attempt", "outcome": "failed"}], "rawpunch peer: no strategy connected\n", False
+        ),
+        "b": PeerReport(0, [{"event": "connected"}], "", True),
+    }
+    path = matrix_run.write_failure(tmp_path / matrix_run.FAILURES, cell, reports, "lab1")
+    assert path.name == "eim-eif_x_apdm-random-birthday-3.json"
+    saved = json.loads(path.read_text())
+    assert saved["cell"] == {"nat_a": "eim-eif", "nat_b": "apdm-random", "strategy": "birthday", "rep": 3}
+    assert saved["lab"] == "lab1"
+    assert saved["peers"]["a"]["events"] == [{"event": "attempt", "outcome": "failed"}]
+    assert saved["peers"]["a"]["stderr"].startswith("rawpunch peer: no strategy")
+    assert saved["peers"]["b"]["returncode"] == 0
