@@ -16,6 +16,10 @@ transaction id, so both learn at once. GO carries a per-peer delay, ``max(owd) -
 ``owd = rtt / 2``, so both punches leave at the same moment (libp2p DCUtR's RTT/2 trick): no
 wall clocks, only measured round trips. READY may be repeated with an ATTEMPT number (a strategy
 cascade, ``rawpunch.strategy``): each attempt gets its own GO, decided when both peers are ready for it.
+Every GO is sent twice, back to back (``GO_COPIES``): a lost GO makes that peer start a READY poll
+later than the other, and the strategies that prime a NAT cannot absorb that skew (a connector
+refused by a NAT not yet primed, or a primer's retransmission refused by a NAT not yet opened).
+The client accepts the first copy and drops the second as a duplicate of an answered request.
 
 No reflection: the server only ever sends to the source address of an authenticated request,
 and the endpoints it tells a peer about are the ones it observed itself for the other peer of
@@ -74,6 +78,7 @@ log = logging.getLogger("rawpunch.server")
 Addr = tuple[str, int]
 Outgoing = list[tuple[bytes, Addr]]
 MAX_RTT = 5.0  # seconds; a reported RTT above this is clamped
+GO_COPIES = 2  # see the module doc: a lost GO becomes start skew between the peers
 PROBE_SOURCE_RATE, PROBE_SOURCE_BURST = 1.0, 32.0  # probe SYNs per second, and at once, per client address
 
 
@@ -479,9 +484,9 @@ class ServerCore:
         # Each attempt of a strategy cascade is synchronised afresh: GO when both are ready for the same one.
         attempt = msg.get(Attr.ATTEMPT) or 0
         if session.go_attempt == attempt:  # decided already: a repeat whose GO was lost (the other may be on)
-            return [
-                (self._reply(session, msg, MessageType.GO, self._go_attrs(session, peer, now)), peer.addr)
-            ]
+            return _copies(
+                self._reply(session, msg, MessageType.GO, self._go_attrs(session, peer, now)), peer.addr
+            )
         peer.ready = attempt
         other = session.other(peer)
         if other is None or other.ready != attempt:
@@ -495,11 +500,12 @@ class ServerCore:
             peer.rtt * 500,
             other.rtt * 500,
         )
-        out = [(self._reply(session, msg, MessageType.GO, self._go_attrs(session, peer, now)), peer.addr)]
+        out = _copies(
+            self._reply(session, msg, MessageType.GO, self._go_attrs(session, peer, now)), peer.addr
+        )
         if _polls(other, MessageType.READY):
-            out.append(
-                (self._push(session, other, MessageType.GO, self._go_attrs(session, other, now)), other.addr)
-            )
+            go = self._push(session, other, MessageType.GO, self._go_attrs(session, other, now))
+            out += _copies(go, other.addr)
         return out
 
     def _result(self, session: Session, peer: Peer, msg: Message, now: float) -> Outgoing:
@@ -658,6 +664,10 @@ _HANDLERS = {
     MessageType.RESULT: ServerCore._result,
     MessageType.PROBE: ServerCore._probe,
 }
+
+
+def _copies(datagram: bytes, addr: Addr) -> Outgoing:
+    return [(datagram, addr)] * GO_COPIES
 
 
 def _polls(peer: Peer, mtype: MessageType) -> bool:

@@ -45,6 +45,7 @@ from rawpunch.proto.client import (
     ProbeAnswer,
     Registered,
     ResultAcknowledged,
+    ready_poll,
 )
 from rawpunch.proto.codec import (
     Attr,
@@ -184,7 +185,13 @@ def test_transition_cell(state: ClientState, mtype: MessageType) -> None:
         assert msg.get(Attr.COOKIE) == COOKIE
         assert msg.transaction_id not in used
     if after in WITH_REQUEST and mtype is M.PENDING:
-        assert client.get_timer() == now + client.config.poll_interval
+        c = client.config
+        interval = (
+            ready_poll(client.rtt, c.ready_poll_floor, c.poll_interval)
+            if after is S.READYING
+            else c.poll_interval
+        )
+        assert client.get_timer() == now + interval
     elif after not in WITH_REQUEST:
         assert client.get_timer() is None
 
@@ -443,6 +450,29 @@ def test_pending_switches_from_the_rto_to_the_poll_interval() -> None:
         assert decode_sent(poll).type is M.INFO
         driven.client.receive_datagram(reply_to(poll, M.PENDING), now + ANSWER_DELAY)
     assert [b - a for a, b in zip([pending_at, *polls], polls, strict=False)] == [1.0] * 4
+
+
+@pytest.mark.parametrize(("rtt", "expected"), [(None, 1.0), (0.01, 0.05), (0.06, 0.12), (0.8, 1.0)])
+def test_ready_polls_every_two_round_trips_within_bounds(rtt: float | None, expected: float) -> None:
+    assert ready_poll(rtt, 0.05, 1.0) == expected
+
+
+def test_a_ready_poll_comes_two_round_trips_after_pending_and_a_duplicate_go_is_dropped() -> None:
+    driven = client_in(S.READYING, poll_interval=1.0)
+    rtt = driven.client.rtt
+    assert rtt is not None and 0.025 < rtt < 0.5  # the helper's round trips, so 2 * rtt is the interval
+    driven.answer(M.PENDING)
+    now = driven.client.get_timer()
+    assert now == pytest.approx(driven.now + 2 * rtt)
+    driven.client.handle_timer(now)
+    (poll,) = driven.client.datagrams_to_send(now)
+    assert decode_sent(poll).type is M.READY
+    go = reply_to(poll, M.GO, ((Attr.DELAY_MS, 0),))
+    driven.client.receive_datagram(go, now + ANSWER_DELAY)
+    assert driven.client.state is S.GO
+    with pytest.raises(ReplayError):
+        driven.client.receive_datagram(go, now + 2 * ANSWER_DELAY)
+    assert driven.client.state is S.GO
 
 
 @pytest.mark.parametrize("state", [S.EXCHANGING, S.READYING])

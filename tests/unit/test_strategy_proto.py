@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import client_in, decode_sent, reply_to
-from test_server_core import A_ADDR, B_ADDR, T0, M, make_server, only, paired
+from test_server_core import A_ADDR, B_ADDR, T0, M, make_server, once, only, paired
 
 from rawpunch.proto.client import ClientState, Go
 from rawpunch.proto.codec import Attr
@@ -20,11 +20,11 @@ def test_each_attempt_gets_its_own_go_once_both_are_ready_for_it() -> None:
     server = make_server(cookie_lifetime=60.0)
     a, b = paired(server, 0.1, 0.1)
     assert only(ready(a, T0 + 2, 0))[0].type is M.PENDING
-    assert [(m.type, dst) for m, dst in ready(b, T0 + 2, 0)] == [(M.GO, B_ADDR), (M.GO, A_ADDR)]
+    assert [(m.type, dst) for m, dst in once(ready(b, T0 + 2, 0))] == [(M.GO, B_ADDR), (M.GO, A_ADDR)]
     # Attempt 0 failed; b is ready for attempt 1 first, a later: GO only then, for both, naming attempt 1.
     reply, _ = only(ready(b, T0 + 5, 1, rtt_ms=200))
     assert reply.type is M.PENDING
-    out = ready(a, T0 + 6, 1, rtt_ms=100)
+    out = once(ready(a, T0 + 6, 1, rtt_ms=100))
     assert [(m.type, dst, m.get(Attr.ATTEMPT)) for m, dst in out] == [(M.GO, A_ADDR, 1), (M.GO, B_ADDR, 1)]
     # Fresh delays from the fresh RTTs: b is farther (100 ms one way), a waits the 50 ms difference.
     assert [m.get(Attr.DELAY_MS) for m, _ in out] == [50, 0]
@@ -38,7 +38,7 @@ def test_a_repeated_ready_whose_go_was_lost_gets_its_go_even_after_the_other_mov
     assert only(ready(b, T0 + 4, 2))[0].type is M.PENDING  # b failed attempt 1 and waits for attempt 2
     reply, dst = only(ready(a, T0 + 4.5, 1))
     assert (reply.type, dst, reply.get(Attr.ATTEMPT), reply.get(Attr.DELAY_MS)) == (M.GO, A_ADDR, 1, 0)
-    out = ready(a, T0 + 7, 2)
+    out = once(ready(a, T0 + 7, 2))
     assert [(m.type, dst, m.get(Attr.ATTEMPT)) for m, dst in out] == [(M.GO, A_ADDR, 2), (M.GO, B_ADDR, 2)]
 
 
