@@ -107,8 +107,11 @@ def add_peer_parser(sub: Any, endpoint: Any) -> None:
     p.add_argument(
         "--deadline",
         type=float,
-        default=10.0,
-        help="seconds for the punch once the peer is found, all strategy attempts together (default 10)",
+        default=None,
+        help=(
+            "seconds for the punch once the peer is found, all strategy attempts together (default 10, or "
+            "60 when the cascade includes port-exhaustion)"
+        ),
     )
     p.add_argument("--events", metavar="FILE", help="write one JSON line per step to FILE")
     p.add_argument("--pcap", metavar="FILE", help="record the handshake (tcpdump) to FILE")

@@ -31,6 +31,7 @@ class Capability(enum.IntFlag):
     LOW_TTL_LISTEN = 1 << 2
     PORT_PREDICTION = 1 << 3
     BIRTHDAY = 1 << 4
+    PORT_EXHAUSTION = 1 << 5
 
 
 @dataclass(frozen=True)

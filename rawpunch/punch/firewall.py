@@ -131,13 +131,21 @@ class PunchFlow:
     kernel_sockets: bool = False
     """The kernel's own sockets make the handshake (``rawpunch.strategy.kernel``): no capture; the
     time-exceeded drop and a RST drop, both for TCP from the local port to any port of the peer's host."""
+    all_ports: bool = False
+    """Port exhaustion (``rawpunch.strategy.exhaustion``): crafted flows from tens of thousands of local
+    ports to the peer's host. Every rule matches the peer's host and no port: TCP from it is queued (the
+    reader claims the SYNs to our flows and gives the rest to the kernel), our kernel's RSTs to it are
+    dropped (the crafted low-TTL RSTs that release the flows' NAT entries pass), and so is time-exceeded
+    about TCP to it (the flows' low-TTL SYNs expire in the core)."""
 
     def __post_init__(self) -> None:
         ports = [("local port", self.local_port)]
         if self.peer is not None:
             ports.append(("peer port", self.peer.port))
-        elif self.kernel_sockets:
-            raise ValueError("a kernel-socket guard needs the peer's address")
+        elif self.kernel_sockets or self.all_ports:
+            raise ValueError("a kernel-socket or all-ports guard needs the peer's address")
+        if self.kernel_sockets and self.all_ports:
+            raise ValueError("kernel_sockets and all_ports exclude each other")
         for what, port in ports:
             if not 1 <= port <= 0xFFFF:
                 raise ValueError(f"{what} {port} is not in 1..65535")
@@ -182,9 +190,10 @@ def capture_rule(run_id: str, flow: PunchFlow) -> str:
     dst = f" -d {flow.local_host}/32" if flow.local_host else ""
     src = "" if flow.peer is None else f" -s {flow.peer.host}/32"
     sport = "" if flow.peer is None else f"--sport {flow.peer.port} "
+    ports = "" if flow.all_ports else f"-m tcp {sport}--dport {flow.local_port} "
     return (
-        f"-A {chain_name(run_id, 'IN')}{src}{dst} -p tcp -m tcp "
-        f"{sport}--dport {flow.local_port} "
+        f"-A {chain_name(run_id, 'IN')}{src}{dst} -p tcp "
+        f"{ports}"
         f"{_comment(run_id, 'capture punch segments')} "
         f"-j NFQUEUE --queue-num {flow.queue_num} --queue-bypass"
     )
@@ -202,11 +211,11 @@ def icmp_u32(flow: PunchFlow) -> str:
     ``8>>22&0x3C@`` adds the embedded header length, and the embedded TCP ports are the word at +8.
     """
     tests = ["0>>22&0x3C@16>>16&0xFF=0x6"]  # embedded protocol: TCP
-    if flow.peer is None or flow.kernel_sockets:  # any port (the early guard: any host): the local port
+    if (flow.peer is None or flow.kernel_sockets) and not flow.all_ports:  # any remote port: the local one
         tests.append(f"0>>22&0x3C@8>>22&0x3C@8>>16=0x{flow.local_port:X}")
     if flow.peer is not None:
         tests.insert(1, f"0>>22&0x3C@24={_hex32(int(IPv4Address(flow.peer.host)))}")  # destination: the peer
-    if flow.peer is not None and not flow.kernel_sockets:
+    if flow.peer is not None and not (flow.kernel_sockets or flow.all_ports):
         ports = flow.local_port << 16 | flow.peer.port
         tests.append(f"0>>22&0x3C@8>>22&0x3C@8={_hex32(ports)}")  # embedded ports: local -> peer
     if flow.local_host:
@@ -234,14 +243,17 @@ def icmp_drop_rule(run_id: str, flow: PunchFlow) -> str:
 
 
 def rst_rule(run_id: str, flow: PunchFlow) -> str:
-    """Drop RSTs from the punch port to the peer's endpoint (the early guard: to anywhere)."""
+    """Drop RSTs from the punch port to the peer's endpoint (the early guard: to anywhere; all ports: from
+    any port to any port of the peer's host)."""
     src = f" -s {flow.local_host}/32" if flow.local_host else ""
     dst = "" if flow.peer is None else f" -d {flow.peer.host}/32"
-    dport = "" if flow.peer is None else f" --dport {flow.peer.port}"
+    ports = [] if flow.all_ports else [f"--sport {flow.local_port}"]
+    if flow.peer is not None and not flow.all_ports:
+        ports.append(f"--dport {flow.peer.port}")
     ttl = f"-m ttl --ttl-gt {flow.crafted_rst_ttl} " if flow.crafted_rst_ttl else ""
     return (
         f"-A {chain_name(run_id, 'OUT')}{src}{dst} -p tcp -m tcp "
-        f"--sport {flow.local_port}{dport} --tcp-flags RST RST {ttl}"
+        f"{' '.join([*ports, '--tcp-flags RST RST'])} {ttl}"
         f"{_comment(run_id, 'no RST to the peer before both ends are spliced')} -j DROP"
     )
 
@@ -275,6 +287,8 @@ def render_apply(run_id: str, flow: PunchFlow) -> str:
     in_chain, out_chain = chain_names(run_id)
     if flow.kernel_sockets:
         rules = [icmp_drop_rule(run_id, flow), kernel_rst_rule(run_id, flow)]
+    elif flow.all_ports:
+        rules = [icmp_drop_rule(run_id, flow), capture_rule(run_id, flow), rst_rule(run_id, flow)]
     else:
         rules = [
             *icmp_capture_rules(run_id, flow),

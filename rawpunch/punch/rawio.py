@@ -51,7 +51,7 @@ import random
 import select
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from types import TracebackType
@@ -206,11 +206,30 @@ def _require_ipv4(*endpoints: Endpoint) -> None:
 
 # --- sending ----------------------------------------------------------------------------------------------
 
+#: Segment shapes ``RawSender.send_batch`` keeps built (a sweep has two or three: open, knock, release).
+_MAX_SHAPES = 8
+
+
+def with_source_port(packet: bytes, port: int) -> bytes:
+    """An IPv4/TCP packet built with source port 0, given source port ``port``: the two bytes written and the
+    TCP checksum updated incrementally (RFC 1624 eqn. 3, ``HC' = ~(~HC + ~m + m')`` with ``m = 0``, whose
+    ``~m`` adds nothing in one's complement). The IP header checksum does not cover TCP (and the kernel
+    fills it in for IP_HDRINCL anyway)."""
+    ihl = (packet[0] & 0x0F) * 4
+    (old,) = struct.unpack_from("!H", packet, ihl + 16)
+    total = (~old & 0xFFFF) + port
+    total = (total & 0xFFFF) + (total >> 16)
+    out = bytearray(packet)
+    struct.pack_into("!H", out, ihl, port)
+    struct.pack_into("!H", out, ihl + 16, ~total & 0xFFFF)
+    return bytes(out)
+
 
 class RawSender:
     """One raw IPv4 socket (IPPROTO_RAW, IP_HDRINCL) for every crafted segment; see the module docstring."""
 
     def __init__(self) -> None:
+        self._shapes: dict[Segment, bytes] = {}
         try:
             self._sock: socket.socket | None = socket.socket(
                 socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW
@@ -227,6 +246,26 @@ class RawSender:
             self._sock.sendto(data, (seg.dst.host, 0))
         except OSError as e:
             raise RawIOError(e.errno or 0, f"sending {seg}: {e.strerror or e}") from e
+
+    def send_batch(self, seg: Segment, ports: Iterable[int]) -> int:
+        """Send ``seg`` (built with source port 0) once from each of ``ports`` (a port sweep): scapy builds
+        it once, each copy is patched (``with_source_port``). Returns how many were sent; a send error is
+        raised like ``send``'s."""
+        if self._sock is None:
+            raise RawIOError(0, "RawSender is closed")
+        template = self._shapes.get(seg)
+        if template is None:
+            if len(self._shapes) >= _MAX_SHAPES:
+                self._shapes.clear()
+            template = self._shapes[seg] = to_bytes(seg)
+        sent, where = 0, (seg.dst.host, 0)
+        for port in ports:
+            try:
+                self._sock.sendto(with_source_port(template, port), where)
+            except OSError as e:
+                raise RawIOError(e.errno or 0, f"sending {seg} from port {port}: {e.strerror or e}") from e
+            sent += 1
+        return sent
 
     def close(self) -> None:
         if self._sock is not None:
@@ -426,10 +465,10 @@ def from_peer(data: bytes, peer: Endpoint) -> bool:
             return False
     except (IndexError, struct.error):
         return False  # too short to be either: the kernel's business
-    return bool(host == _packed(peer.host) and port == peer.port)
+    return bool(host == packed_address(peer.host) and port == peer.port)
 
 
 @functools.lru_cache(maxsize=16)
-def _packed(host: str) -> bytes:
+def packed_address(host: str) -> bytes:
     """The address's four bytes, parsed once per peer rather than once per packet."""
     return IPv4Address(host).packed

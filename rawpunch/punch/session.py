@@ -88,8 +88,9 @@ class PunchSettings:
     """Local TCP port to punch from (0: any free port)."""
     priming_ttl: int | None = None
     """TTL of the priming SYN; None: chosen from the path (``--ttl`` overrides)."""
-    deadline: float = 10.0
-    """Seconds for the punch once the peer was found: all attempts of the strategy cascade together."""
+    deadline: float | None = None
+    """Seconds for the punch once the peer was found: all attempts of the strategy cascade together; None:
+    ``runner.default_deadline`` of the cascade (10 s, or 60 s with a port exhaustion in it)."""
     strategy: str = "auto"
     """A name of ``rawpunch.strategy.STRATEGY_NAMES``; ``auto`` chooses a cascade from both NATs."""
     syn_budget: int = BIRTHDAY_SYN_BUDGET
@@ -236,14 +237,13 @@ async def _meet_and_punch(
             "pcap": settings.pcap,
             "syn_budget": settings.syn_budget,
         }
+        deadline = settings.deadline or runner.default_deadline(names)
         try:
             # The GOs are rendezvous round trips: a peer that gave up must not keep us waiting for its READY.
-            async with asyncio.timeout(settings.deadline + runner.GO_SLACK):
-                sock, ctx = await runner.run_cascade(
-                    client, keys, me, peer, names, common, settings.deadline, emit
-                )
+            async with asyncio.timeout(deadline + runner.GO_SLACK):
+                sock, ctx = await runner.run_cascade(client, keys, me, peer, names, common, deadline, emit)
         except (AttemptFailed, TimeoutError) as exc:
-            why = str(exc) if isinstance(exc, AttemptFailed) else _GAVE_UP.format(settings.deadline)
+            why = str(exc) if isinstance(exc, AttemptFailed) else _GAVE_UP.format(deadline)
             await _report(client, ResultCode.FAILED, paired_at, why)
             raise PunchError(why) from None
         clock.usable_at = ctx.usable_at or time.monotonic()
@@ -255,20 +255,21 @@ async def _meet_and_punch(
         clock.marks["total"] = round((time.monotonic() - clock.start) * 1000, 2)
         name = names[ctx.attempt]
         peer_seen = Endpoint(*sock.getpeername()[:2])  # a guessed or predicted port: not the discovered one
+        local_seen = Endpoint(*sock.getsockname()[:2])  # a port exhaustion's flow: not the attempt's port
         emit(
             {
                 "event": "connected",
                 "elapsed_ms": round(elapsed, 2),
                 "strategy": name,
                 "attempt": ctx.attempt,
-                "local": str(ctx.local),
+                "local": str(local_seen),
                 "peer": str(peer_seen),
                 "priming_ttl": ttl,
                 "phases_ms": clock.marks,
             }
         )
         await _report(client, ResultCode.CONNECTED, paired_at, name)
-        return PunchResult(sock, ctx.local, peer_seen, name, clock.marks)
+        return PunchResult(sock, local_seen, peer_seen, name, clock.marks)
 
 
 def _both_registered(paired_at: float, paired_age: float | None, rtt: float | None) -> float:
@@ -406,8 +407,12 @@ class _EngineDriver:
             elif isinstance(event, Failed):
                 raise PunchError(f"punch failed: {event.reason}")
 
-    async def run(self) -> Connected:
+    async def run(self, first: Segment | None = None) -> Connected:
+        """Start the engine (and feed it ``first``, a segment of the flow that came before it existed: the
+        port exhaustion's finding); return once it is connected."""
         self.engine.start(self.loop.time())
+        if first is not None:
+            self.engine.receive_segment(first, self.loop.time())
         while self.connected is None:
             self._flush()
             if self.connected is not None:

@@ -8,6 +8,8 @@
 ``port-prediction``     sequential NAT against a stable or sequential one: prime the predicted next ports
 ``birthday``            random-port NAT against a stable or sequential one: the stable side primes guesses
                         and listens, the random side connects; a bounded SYN budget
+``port-exhaustion``     two per-destination random-port NATs, or one against a sequential NAT: each random
+                        side fills its NAT's ports towards one peer endpoint (``sweep.py``); crafted finish
 ``auto``                the cascade for the pair of NATs (``auto.CASCADES``), under one total deadline
 ======================  ====================================================================================
 """
@@ -24,6 +26,7 @@ STRATEGY_NAMES: tuple[str, ...] = (
     "low-ttl-listen",
     "port-prediction",
     "birthday",
+    "port-exhaustion",
 )
 
 
@@ -34,7 +37,7 @@ def preload() -> None:
 
 def get_strategy(name: str) -> Strategy:
     """The strategy called ``name`` (not ``auto``, which is the runner's cascade)."""
-    from rawpunch.strategy import crafted, kernel  # noqa: PLC0415 - keep ``import rawpunch.strategy`` light
+    from rawpunch.strategy import crafted, exhaustion, kernel  # noqa: PLC0415 - keep the package light
 
     known: dict[str, Strategy] = {
         "crafted-handshake": crafted.CraftedHandshake(),
@@ -42,6 +45,7 @@ def get_strategy(name: str) -> Strategy:
         "low-ttl-listen": kernel.LowTtlListen(),
         "port-prediction": kernel.PortPrediction(),
         "birthday": kernel.Birthday(),
+        "port-exhaustion": exhaustion.PortExhaustion(),
     }
     try:
         return known[name]

@@ -10,7 +10,8 @@ TCP hole punching (RFC 5382 sections 4.1 and 7.1; RFC 4787 sections 4.1, 4.2.1):
 * **sequential**: each new mapping gets the previous port plus ``delta``: the peer's endpoint can be
   predicted (``port-prediction``; between two sequential NATs both sides' next ports are predicted);
 * **random**: each new mapping gets a random port and the mapping is known to depend on the remote (a probe
-  said so): only guessing helps (``birthday``);
+  said so): guessing (``birthday``) against a stable or sequential side, port exhaustion
+  (``port-exhaustion``, ``sweep.py``) against another random side or a symmetric sequential one;
 * **maybe-stable**: random ports, mapping unknown. The fast classification sees only new ports for new local
   ports, which an endpoint-independent NAT that does not preserve ports shows too (``eim-apdf-random``, a
   carrier-grade NAT): its endpoint may well be stable. It is tried as the stable side of port prediction
@@ -19,7 +20,10 @@ TCP hole punching (RFC 5382 sections 4.1 and 7.1; RFC 4787 sections 4.1, 4.2.1):
   primes would cost the first attempt half the time.
 
 The crafted handshake comes first wherever both sides are stable: it works through NATs that answer
-unsolicited SYNs with RST, which kernel simultaneous open may not (FACTS.md).
+unsolicited SYNs with RST, which kernel simultaneous open may not (FACTS.md). Wherever a side is not stable,
+``port-exhaustion`` comes last (or alone, where nothing else can work): it needs no guess to be lucky and
+no race to be won -- it costs tens of thousands of SYNs against a random NAT (a few seconds at its rate),
+a thousand against a sequential one -- so it catches whatever the cheap strategies missed.
 
 Who primes in ``birthday`` (``birthday_primer``): the side whose public endpoint the other can aim at --
 stable, else sequential (the connector aims at its predicted next ports), else maybe-stable. The primer
@@ -41,9 +45,12 @@ SYNs in there.)
   ``X_j == g_k`` for the one ``k`` it aimed at: probability ``1/N`` per SYN, ``n/N`` in all (0.8% for 500
   SYNs), with no birthday gain, since each SYN can meet one guess only. The roles swapped are the same: the
   sequential side's SYN to ``peer:y`` must hit the random port of the one priming SYN that went to its next
-  port. So ``cascade`` gives up at once when the probes say so (``UntraversablePair``); with only the fast
-  classification (mapping unknown) it makes the two cheap attempts that would work if either guess about
-  the unknown behaviours is right, and stops.
+  port. Port exhaustion does not guess: the random side sends flows from *every* port of its NAT's range to
+  one predicted port of the sequential side, so its NAT must hand out every public port towards it, the one
+  the sequential side aims at included (``sweep.py``). So ``cascade`` goes straight to it when the probes
+  say so; with only the fast classification (mapping unknown) it first makes the two cheap attempts that
+  would work if either guess about the unknown behaviours is right. Two random NATs that both map per
+  remote endpoint are the same, with both sides exhausting.
 """
 
 from __future__ import annotations
@@ -55,21 +62,24 @@ from rawpunch.probe.result import UNKNOWN, NatBehaviour
 NatClass = Literal["stable", "maybe-stable", "sequential", "random"]
 NAT_CLASSES: tuple[NatClass, ...] = ("stable", "maybe-stable", "sequential", "random")  # stable side first
 
+EXHAUSTION = "port-exhaustion"
 CASCADES: dict[frozenset[NatClass], tuple[str, ...]] = {
     frozenset({"stable"}): ("crafted-handshake", "low-ttl-listen", "simultaneous-open"),
-    frozenset({"stable", "maybe-stable"}): ("birthday", "crafted-handshake"),
-    frozenset({"stable", "sequential"}): ("port-prediction", "crafted-handshake"),
-    frozenset({"stable", "random"}): ("birthday", "crafted-handshake"),
-    # Either may be the endpoint-independent one (or both): guess both ways at once (guesses_both_ways),
-    # and once more on fresh ports if the chance (about 98% at the default budget) is missed.
-    frozenset({"maybe-stable"}): ("birthday", "birthday", "crafted-handshake"),
+    frozenset({"stable", "maybe-stable"}): ("birthday", "crafted-handshake", EXHAUSTION),
+    # Port exhaustion against a sequential side costs ~1,000 SYNs and no race: before the crafted
+    # handshake, which only an endpoint-independent NAT with sequential ports would let through.
+    frozenset({"stable", "sequential"}): ("port-prediction", EXHAUSTION, "crafted-handshake"),
+    frozenset({"stable", "random"}): ("birthday", "crafted-handshake", EXHAUSTION),
+    # Either may be the endpoint-independent one (or both): guess both ways at once (guesses_both_ways);
+    # two that map per remote endpoint are left to port exhaustion.
+    frozenset({"maybe-stable"}): ("birthday", EXHAUSTION),
     # The maybe-stable side is endpoint-independent (port prediction), or the sequential one lets the
     # peer's address in (birthday, the sequential side priming and listening); see the module doc.
-    frozenset({"maybe-stable", "sequential"}): ("port-prediction", "birthday"),
-    frozenset({"maybe-stable", "random"}): ("birthday", "crafted-handshake"),
-    frozenset({"sequential"}): ("port-prediction", "crafted-handshake"),
-    frozenset({"sequential", "random"}): ("birthday",),
-    frozenset({"random"}): ("crafted-handshake", "simultaneous-open"),
+    frozenset({"maybe-stable", "sequential"}): ("port-prediction", "birthday", EXHAUSTION),
+    frozenset({"maybe-stable", "random"}): ("birthday", EXHAUSTION),
+    frozenset({"sequential"}): ("port-prediction", EXHAUSTION, "crafted-handshake"),
+    frozenset({"sequential", "random"}): ("birthday", EXHAUSTION),
+    frozenset({"random"}): (EXHAUSTION,),
 }
 
 
@@ -83,25 +93,17 @@ def nat_class(b: NatBehaviour) -> NatClass:
     return "stable"
 
 
-class UntraversablePair(ValueError):
-    """The pair's known NAT behaviours leave no strategy a real chance; ``str()`` says why."""
-
-
 def cascade(slot0: NatBehaviour, slot1: NatBehaviour) -> tuple[str, ...]:
     """The strategies to try, in order; symmetric in its arguments, so both peers agree.
 
-    Raises ``UntraversablePair`` for a symmetric sequential NAT against a random one (module doc)."""
+    A symmetric sequential NAT against a random one gets no guessing (module doc): port exhaustion at once
+    when the random side is known to map per remote, else after port prediction."""
     names = CASCADES[frozenset({nat_class(slot0), nat_class(slot1)})]
     for seq, other in ((slot0, slot1), (slot1, slot0)):
-        if not (_symmetric_sequential(seq) and nat_class(other) in ("random", "maybe-stable")):
-            continue
-        if nat_class(other) == "random":
-            raise UntraversablePair(
-                "a NAT with sequential ports but address-and-port-dependent mapping and filtering, "
-                "against one with random ports and remote-dependent mapping: no port guessing "
-                "reaches it (each SYN hits with chance 1/65536; rawpunch.strategy.auto explains)"
-            )
-        names = tuple(n for n in names if n != "birthday")  # only port prediction may still work
+        if _symmetric_sequential(seq) and nat_class(other) in ("random", "maybe-stable"):
+            names = tuple(n for n in names if n != "birthday")
+            if nat_class(other) == "random":
+                names = (EXHAUSTION,)
     return names
 
 

@@ -45,7 +45,12 @@ BUDGETS = {
     "low-ttl-listen": 2.5,
     "port-prediction": 3.0,
     "birthday": 5.0,
+    "port-exhaustion": 45.0,
 }
+#: ``--deadline`` when none is given: enough for the cheap strategies, or for a port exhaustion (its SYNs at
+#: the rate, both sides' opens and a few knock rounds, after the attempts before it).
+DEFAULT_DEADLINE = 10.0
+EXHAUSTION_DEADLINE = 60.0
 GO_SLACK = 5.0  # beyond the deadline, for the rendezvous round trips of the GOs
 ALL_CAPABILITIES = (
     Capability.CRAFTED_HANDSHAKE
@@ -53,6 +58,7 @@ ALL_CAPABILITIES = (
     | Capability.LOW_TTL_LISTEN
     | Capability.PORT_PREDICTION
     | Capability.BIRTHDAY
+    | Capability.PORT_EXHAUSTION
 )
 
 
@@ -153,6 +159,11 @@ def views(
     return me, peer
 
 
+def default_deadline(names: tuple[str, ...]) -> float:
+    """The deadline for a cascade when ``--deadline`` is not given (both peers compute the same)."""
+    return EXHAUSTION_DEADLINE if "port-exhaustion" in names else DEFAULT_DEADLINE
+
+
 def attempt_budget(names: tuple[str, ...], i: int, remaining: float) -> float:
     """Seconds for attempt ``i``: ``budget``, except that the last strategy and its retry (``with_retry``)
     share what is left, half each."""
@@ -179,10 +190,7 @@ def plan_cascade(strategy: str, me: PeerView, peer: PeerView) -> tuple[str, ...]
     if strategy != AUTO:
         return with_retry(tuple(check_strategy(strategy).split(",")), me, peer)
     slot0, slot1 = (me, peer) if me.slot == 0 else (peer, me)
-    try:
-        return auto.cascade(slot0.behaviour, slot1.behaviour)  # its later attempts run on fresh ports anyway
-    except auto.UntraversablePair as exc:
-        raise AttemptFailed(f"--strategy auto gives up at once: {exc}") from None
+    return auto.cascade(slot0.behaviour, slot1.behaviour)  # its later attempts run on fresh ports anyway
 
 
 def with_retry(names: tuple[str, ...], me: PeerView, peer: PeerView) -> tuple[str, ...]:

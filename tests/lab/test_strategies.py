@@ -88,6 +88,10 @@ CASES = [
     ("apdm-random", "eim-apdf", "birthday"),
     ("adm-adf-sequential", "apdm-random", "birthday"),  # the sequential side primes and listens
 ]
+EXHAUSTION_CASES = [
+    ("apdm-random", "apdm-random"),  # both sides exhaust
+    ("apdm-sequential", "apdm-random"),  # the random side exhausts, the sequential one sends REACH flows
+]
 
 
 @pytest.mark.parametrize(("profile_a", "profile_b", "strategy"), CASES, ids=["-".join(c) for c in CASES])
@@ -129,6 +133,39 @@ def test_auto_picks_the_strategy_for_the_pair(profile_a: str, profile_b: str, ex
         assert winner(run) == expected
         cascade = run.event("cascade")
         assert cascade is not None and cascade["strategies"][0] == expected
+
+
+@pytest.mark.parametrize(
+    ("profile_a", "profile_b"), EXHAUSTION_CASES, ids=["-".join(c) for c in EXHAUSTION_CASES]
+)
+def test_port_exhaustion_connects_per_destination_random_nats_and_releases_their_entries(
+    profile_a: str, profile_b: str
+) -> None:
+    """Pairs no guessing reaches (``sweep.py``): over an impaired core (30 +- 10 ms, 1 % loss) the sweep finds
+    the flow both NATs mapped to each other, the crafted handshake's engine finishes it, the data crosses
+    intact, and afterwards a netfilter NAT holds no more than a handful of the tens of thousands of entries
+    the sweep made (the releases moved them to CLOSE, which conntrack drops when no reply was seen)."""
+    impairment = Impairment(delay_ms=30, jitter_ms=10, loss=0.01, seed=5)
+    topology = two_nats(hops=2, profile_a=profile_a, profile_b=profile_b, impairment=impairment)
+    with Lab(topology) as lab:
+        server = start_server(lab)
+        send = {"a": os.urandom(40_000) + b"from a", "b": os.urandom(60_000) + b"from b"}
+        runs = punch_peers(
+            lab, server.endpoint, os.urandom(12).hex(), send, ("--strategy", "port-exhaustion"), TIMEOUT
+        )
+        for name, other in (("a", "b"), ("b", "a")):
+            run = runs[name]
+            assert run.returncode == 0, f"peer {name}:\n{run.stderr}"
+            assert run.received == send[other]
+            assert winner(run) == "port-exhaustion"
+            plan = run.event("port_exhaustion")
+            assert plan is not None and plan["probability"] > 0.95
+            assert any(side["kind"] == "exhaust" and side["flows"] == 64512 for side in plan["sides"])
+        for nat, profile in (("nat-a", profile_a), ("nat-b", profile_b)):
+            if get_profile(profile).backend != "netfilter":
+                continue  # the userspace NAT keeps its own table (and only the sequential side's 1,024)
+            count = lab.node(nat).run(["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).stdout
+            assert int(count) < 1000, f"{nat} still tracks {count.strip()} entries after the releases"
 
 
 IMPAIRED_CASES = [
@@ -185,8 +222,9 @@ def test_auto_takes_the_cached_probe_result_into_account(_own_probe_cache: Path)
 
 def test_auto_falls_back_when_its_first_choice_fails(_own_probe_cache: Path) -> None:
     """a's cached probe result claims sequential ports (delta 1), so auto starts with port prediction; but
-    nat-a preserves ports, so b primes the wrong ones and a's SYN stays out. The next strategy of the
-    cascade, the crafted handshake, connects at attempt 1's GO."""
+    nat-a preserves ports, so b primes the wrong ones and a's SYN stays out; the port exhaustion aims at a
+    predicted port too, and misses the same way (within its short schedule: 1,025 flows). The last strategy
+    of the cascade, the crafted handshake, connects at attempt 2's GO."""
     wrong = NatBehaviour(allocation="sequential", allocation_delta=1)
     assert cache.store(wrong, key=KEY_A, directory=_own_probe_cache) is not None
     (runs,) = punch("eim-apdf", "eim-apdf", "auto")
@@ -194,15 +232,16 @@ def test_auto_falls_back_when_its_first_choice_fails(_own_probe_cache: Path) -> 
         tried = attempts(run)
         assert [(a["strategy"], str(a["outcome"]).split(":")[0]) for a in tried] == [
             ("port-prediction", "failed"),
+            ("port-exhaustion", "failed"),
             ("crafted-handshake", "connected"),
         ]
         assert winner(run) == "crafted-handshake"
 
 
-def test_auto_gives_up_at_once_where_no_guessing_reaches(_own_probe_cache: Path) -> None:
+def test_auto_goes_straight_to_port_exhaustion_where_no_guessing_reaches(_own_probe_cache: Path) -> None:
     """Probe results say: a symmetric NAT with sequential ports (a) against one with random ports and
     endpoint-dependent mapping (b). Port guessing has a 1 in 64512 chance per SYN there (auto.py), so both
-    peers fail before any attempt, saying why, instead of spending the deadline."""
+    peers skip it: their one attempt is the port exhaustion, and it connects."""
     for key, profile in ((KEY_A, "apdm-sequential"), ("10.0.2.1|10.0.2.2", "apdm-random")):
         p = get_profile(profile)
         known = NatBehaviour(mapping=p.mapping, filtering=p.filtering, allocation=p.allocation)
@@ -212,7 +251,26 @@ def test_auto_gives_up_at_once_where_no_guessing_reaches(_own_probe_cache: Path)
         server = start_server(lab)
         send = {"a": b"from a", "b": b"from b"}
         runs = punch_peers(lab, server.endpoint, os.urandom(12).hex(), send, ("--strategy", "auto"), TIMEOUT)
+    for name, other in (("a", "b"), ("b", "a")):
+        run = runs[name]
+        assert run.returncode == 0, run.stderr
+        assert run.received == send[other]
+        cascade = run.event("cascade")
+        assert cascade is not None and cascade["strategies"] == ["port-exhaustion"]
+        assert [a["strategy"] for a in attempts(run)] == ["port-exhaustion"]
+
+
+def test_auto_falls_back_to_port_exhaustion_between_two_symmetric_random_nats() -> None:
+    """With only the fast classification both sides look "maybe stable" (random ports, mapping unknown):
+    auto guesses both ways first, which cannot meet two per-destination mappings, and the port exhaustion
+    after it connects, over an impaired core, within the default deadline it grows to (60 s)."""
+    impairment = Impairment(delay_ms=20, jitter_ms=5, loss=0.01, seed=3)
+    (runs,) = punch("apdm-random", "apdm-random", "auto", impairment=impairment)
     for run in runs.values():
-        assert run.returncode != 0
-        assert "gives up at once" in run.stderr and "no port guessing reaches it" in run.stderr
-        assert attempts(run) == []
+        cascade = run.event("cascade")
+        assert cascade is not None and cascade["strategies"] == ["birthday", "port-exhaustion"]
+        tried = attempts(run)
+        assert [(a["strategy"], str(a["outcome"]).split(":")[0]) for a in tried] == [
+            ("birthday", "failed"),
+            ("port-exhaustion", "connected"),
+        ]

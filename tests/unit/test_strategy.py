@@ -23,7 +23,7 @@ from rawpunch.punch import natmodel
 from rawpunch.punch.firewall import PunchFlow, render_apply
 from rawpunch.punch.natmodel import CtState, Forward, Nat
 from rawpunch.punch.segment import Flags, Segment
-from rawpunch.strategy import STRATEGY_NAMES, auto, classify, get_strategy, kernel, plan
+from rawpunch.strategy import STRATEGY_NAMES, auto, classify, get_strategy, kernel, plan, runner
 from rawpunch.strategy.base import AttemptFailed, PeerView
 from rawpunch.strategy.runner import attempt_port, budget, check_strategy, plan_cascade
 
@@ -111,7 +111,7 @@ AUTO_CASES = {
     "eim x random (quick)": (UNKNOWN, RANDOM_QUICK, "birthday", 0),
     "eim with random ports x eim": (truth("eim-apdf-random"), truth("eim-apdf"), "crafted-handshake", 0),
     "random x random (quick: maybe stable)": (truth("apdm-random"), RANDOM_QUICK, "birthday", 1),
-    "random x random": (truth("apdm-random"), truth("apdm-random"), "crafted-handshake", 0),
+    "random x random": (truth("apdm-random"), truth("apdm-random"), "port-exhaustion", 0),
     "random ports x sequential (quick)": (SEQUENTIAL_QUICK, RANDOM_QUICK, "port-prediction", 1),
     "random ports x random ports (quick)": (RANDOM_QUICK, RANDOM_QUICK, "birthday", 0),
     "sequential without delta": (NatBehaviour(allocation="sequential"), UNKNOWN, "crafted-handshake", 0),
@@ -142,18 +142,11 @@ def test_auto_chooses_from_both_nats(case: str) -> None:
     assert auto.stable_side(slot0, slot1) == stable
 
 
-def cascade_or_reason(a: NatBehaviour, b: NatBehaviour) -> tuple[str, ...] | str:
-    try:
-        return auto.cascade(a, b)
-    except auto.UntraversablePair as exc:
-        return str(exc)
-
-
 def test_both_peers_compute_the_same_cascade() -> None:
     """Each peer calls cascade(slot 0's, slot 1's); the table must not depend on the order either."""
     behaviours = [case[0] for case in AUTO_CASES.values()] + [case[1] for case in AUTO_CASES.values()]
     for a, b in itertools.product(behaviours, repeat=2):
-        assert cascade_or_reason(a, b) == cascade_or_reason(b, a)
+        assert auto.cascade(a, b) == auto.cascade(b, a)
     assert set(auto.CASCADES) == {
         frozenset(pair) for pair in itertools.combinations_with_replacement(auto.NAT_CLASSES, 2)
     }
@@ -163,7 +156,11 @@ def test_strategy_names_are_known_and_bad_ones_say_which_exist() -> None:
     assert STRATEGY_NAMES[0] == "auto"
     for name in STRATEGY_NAMES[1:]:
         assert get_strategy(name).name == name
-        assert name in auto.CASCADES[frozenset({"stable"})] or name in ("port-prediction", "birthday")
+        assert name in auto.CASCADES[frozenset({"stable"})] or name in (
+            "port-prediction",
+            "birthday",
+            "port-exhaustion",
+        )
     with pytest.raises(ValueError, match="unknown strategy 'magic'; choose one of: auto, crafted-handshake"):
         check_strategy("magic")
 
@@ -512,8 +509,7 @@ def test_kernel_socket_strategies_install_the_time_exceeded_and_rst_drops_only()
 
 
 def test_a_repeated_strategy_swaps_the_stable_side() -> None:
-    names = auto.cascade(RANDOM_QUICK, RANDOM_QUICK)
-    assert names[:2] == ("birthday", "birthday")
+    names = ("birthday", "birthday", "crafted-handshake")  # a cascade of one's own (--strategy a,b,c)
     assert [auto.stable_slot_for(names, i, 0) for i in range(len(names))] == [0, 1, 0]
     assert [auto.stable_slot_for(names, i, 1) for i in range(len(names))] == [1, 0, 1]
 
@@ -544,20 +540,26 @@ def test_birthday_primes_from_the_side_the_other_can_aim_at(
 
 
 def test_random_ports_against_sequential_ones_try_prediction_then_the_sequential_side_primes() -> None:
-    assert auto.cascade(RANDOM_QUICK, SEQUENTIAL_QUICK) == ("port-prediction", "birthday")
-    assert auto.cascade(truth("adm-adf-sequential", 1), truth("apdm-random")) == ("birthday",)
+    assert auto.cascade(RANDOM_QUICK, SEQUENTIAL_QUICK) == ("port-prediction", "birthday", "port-exhaustion")
+    sequential_adf = truth("adm-adf-sequential", 1)
+    assert auto.cascade(sequential_adf, truth("apdm-random")) == ("birthday", "port-exhaustion")
 
 
-def test_a_symmetric_sequential_nat_against_a_random_one_gives_up_at_once_and_says_why() -> None:
+def test_a_symmetric_sequential_nat_against_a_random_one_goes_to_port_exhaustion_without_guessing() -> None:
     symmetric = truth("apdm-sequential", 1)
-    with pytest.raises(auto.UntraversablePair, match="no port guessing reaches it"):
-        auto.cascade(symmetric, truth("apdm-random"))
-    # Random ports with the mapping unknown may be endpoint-independent: port prediction alone is left.
-    assert auto.cascade(RANDOM_QUICK, symmetric) == ("port-prediction",)
+    assert auto.cascade(symmetric, truth("apdm-random")) == ("port-exhaustion",)
+    # Random ports with the mapping unknown may be endpoint-independent: port prediction first.
+    assert auto.cascade(RANDOM_QUICK, symmetric) == ("port-prediction", "port-exhaustion")
     me = PeerView(0, PeerInfo(punch_ports=(1,), strategy="auto"), symmetric, {1: Endpoint(S_PUB, 1)}, 1)
     peer = PeerView(1, PeerInfo(punch_ports=(2,), strategy="auto"), truth("apdm-random"), {2: SERVER}, 2)
-    with pytest.raises(AttemptFailed, match="gives up at once: a NAT with sequential ports"):
-        plan_cascade("auto", me, peer)
+    assert plan_cascade("auto", me, peer) == ("port-exhaustion",)
+
+
+def test_wherever_a_side_is_not_stable_port_exhaustion_is_the_last_resort_and_the_deadline_grows() -> None:
+    for classes, names in auto.CASCADES.items():
+        assert ("port-exhaustion" in names) == (classes != frozenset({"stable"}))
+        deadline = runner.default_deadline(names)
+        assert deadline == (runner.EXHAUSTION_DEADLINE if "port-exhaustion" in names else 10.0)
 
 
 def test_the_birthday_connector_aims_at_a_sequential_primers_next_ports_in_turn() -> None:
