@@ -90,6 +90,20 @@ def _add_server(sub: Any) -> None:
         default=None,
         help="the probe's second TCP port, on both addresses (default: the TCP port + 1)",
     )
+    p.add_argument(
+        "--mapping-port",
+        type=_port,
+        default=None,
+        help=(
+            "a second TCP discovery port: peers discover one local port there again to see whether their "
+            "NAT maps per remote port (default: the TCP port + 2)"
+        ),
+    )
+    p.add_argument(
+        "--no-mapping-port",
+        action="store_true",
+        help="run without the second discovery port (peers then skip that check)",
+    )
     p.add_argument("--max-sessions", type=int, default=10_000)
     p.add_argument("--rate", type=float, default=200.0, help="messages per second per source address")
     p.add_argument("-v", "--verbose", action="store_true", help="log every dropped datagram")
@@ -172,6 +186,8 @@ def _run_server(args: argparse.Namespace) -> int:
             args.tcp_port,
             alt_address=args.alt_address,
             probe_port=args.probe_port,
+            mapping_port=args.mapping_port,
+            mapping_check=not args.no_mapping_port,
             max_sessions=args.max_sessions,
             rate_per_source=args.rate,
             burst_per_source=2 * args.rate,

@@ -76,6 +76,8 @@ class Registered:
     udp: Endpoint
     tcp_port: int
     rtt: float
+    mapping_port: int | None = None
+    """The server's second discovery port (``MAPPING_PORT``), if it has one."""
 
 
 @dataclass(frozen=True)
@@ -387,7 +389,13 @@ class ClientCore:
         self._token = msg.get(Attr.TOKEN)
         self._finish(
             ClientState.REGISTERED,
-            Registered(msg.get(Attr.SLOT), msg.get(Attr.MAPPED_UDP), msg.get(Attr.TCP_PORT), self.rtt or 0.0),
+            Registered(
+                msg.get(Attr.SLOT),
+                msg.get(Attr.MAPPED_UDP),
+                msg.get(Attr.TCP_PORT),
+                self.rtt or 0.0,
+                msg.get(Attr.MAPPING_PORT),
+            ),
         )
 
     def _on_peer(self, msg: Message, now: float) -> None:

@@ -95,6 +95,7 @@ class Attr(enum.IntEnum):
     REACTION = 0x0016
     ATTEMPT = 0x0020  # apart from the probe's block: which attempt of a strategy cascade
     PAIRED_US = 0x0021
+    MAPPING_PORT = 0x0022
 
 
 class ErrorCode(enum.IntEnum):
@@ -404,6 +405,13 @@ ATTRIBUTES: dict[Attr, AttributeSpec] = {
             Attr.PROBE_PORT, *_u16, "the server's second TCP port (both addresses listen on it)", "port (2)"
         ),
         AttributeSpec(
+            Attr.MAPPING_PORT,
+            *_u16,
+            "another TCP discovery port of the main address: the same local port discovered there again "
+            "shows whether the NAT maps per remote port",
+            "port (2)",
+        ),
+        AttributeSpec(
             Attr.PROBE_FROM,
             pack_endpoint,
             unpack_endpoint,
@@ -451,7 +459,7 @@ MESSAGES: dict[MessageType, MessageSpec] = {
             MessageType.REGISTERED,
             False,
             {A.SLOT, A.MAPPED_UDP, A.TCP_PORT, A.TOKEN},
-            {A.RTT_MS},
+            {A.RTT_MS, A.MAPPING_PORT},
             "you are in slot N; your UDP endpoint; where to discover TCP endpoints",
         ),
         _spec(

@@ -86,6 +86,8 @@ PROBE_SOURCE_RATE, PROBE_SOURCE_BURST = 1.0, 32.0  # probe SYNs per second, and 
 class ServerConfig:
     tcp_port: int
     """TCP discovery port advertised to clients."""
+    mapping_port: int | None = None
+    """A second discovery port on the main address, advertised if set (the peers' fast mapping check)."""
     cookie_key: bytes = field(default_factory=lambda: os.urandom(32))
     cookie_lifetime: float = 30.0
     peer_idle_timeout: float = 30.0
@@ -396,14 +398,16 @@ class ServerCore:
         assert session is not None
         self._check_replay(peer, msg.transaction_id)
         peer.last_seen = now
-        attrs = (
+        attrs: list[tuple[Attr, codec.AttrValue]] = [
             (Attr.SLOT, peer.slot),
             (Attr.MAPPED_UDP, Endpoint(*addr)),
             (Attr.TCP_PORT, self.config.tcp_port),
             (Attr.TOKEN, peer.token),
             (Attr.RTT_MS, round(peer.rtt * 1000)),
-        )
-        return [(self._reply(session, msg, MessageType.REGISTERED, attrs), addr)]
+        ]
+        if self.config.mapping_port is not None:
+            attrs.append((Attr.MAPPING_PORT, self.config.mapping_port))
+        return [(self._reply(session, msg, MessageType.REGISTERED, tuple(attrs)), addr)]
 
     def _restart_peer(self, session: Session, old: Peer, instance: bytes, age: float, now: float) -> Peer:
         """A client restarted from the same address: it takes its slot back as a new instance."""

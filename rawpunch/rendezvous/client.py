@@ -129,15 +129,21 @@ class RendezvousClient:
         await self._expect(ResultAcknowledged)
 
     async def discover_tcp(
-        self, local_port: int = 0, local_host: str = "0.0.0.0", timeout: float = 10.0
+        self,
+        local_port: int = 0,
+        local_host: str = "0.0.0.0",
+        timeout: float = 10.0,
+        server_port: int | None = None,
     ) -> TcpMapping:
-        """The public endpoint a TCP flow from ``local_port`` gets, as the server sees it."""
+        """The public endpoint a TCP flow from ``local_port`` gets, as the server sees it (at its discovery
+        port, or ``server_port``: the mapping check's)."""
         assert self.registered is not None, "register() first"
+        port = server_port or self.registered.tcp_port
         try:
-            return await asyncio.wait_for(self._discover(local_host, local_port), timeout)
+            return await asyncio.wait_for(self._discover(local_host, local_port, port), timeout)
         except TimeoutError:
             raise RendezvousError(
-                f"TCP endpoint discovery at {self.server.host}:{self.registered.tcp_port} got no answer "
+                f"TCP endpoint discovery at {self.server.host}:{port} got no answer "
                 f"within {timeout:.0f} s: is TCP to the server allowed?"
             ) from None
         except (OSError, asyncio.IncompleteReadError) as exc:
@@ -145,15 +151,14 @@ class RendezvousClient:
         except RemoteProtocolError as exc:
             raise RendezvousError(f"TCP endpoint discovery: bad answer from the server: {exc}") from None
 
-    async def _discover(self, local_host: str, local_port: int) -> TcpMapping:
-        assert self.registered is not None
+    async def _discover(self, local_host: str, local_port: int, server_port: int) -> TcpMapping:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setblocking(False)
             sock.bind((local_host, local_port))
-            await loop.sock_connect(sock, (self.server.host, self.registered.tcp_port))
+            await loop.sock_connect(sock, (self.server.host, server_port))
             port = sock.getsockname()[1]
             await loop.sock_sendall(sock, frame(self.core.discovery_request(port)))
             (length,) = struct.unpack("!H", await _recv_exactly(loop, sock, 2))

@@ -1,4 +1,9 @@
-"""asyncio adapter of the rendezvous server: one UDP socket, one TCP discovery listener.
+"""asyncio adapter of the rendezvous server: one UDP socket, two TCP discovery listeners.
+
+The second discovery listener (``mapping_port``, by default the TCP port + 2) is the peers' fast mapping
+check: the same local port discovered at both ports shows whether the NAT maps per remote port (RFC 4787
+section 4.1), one round trip instead of a probe. If it cannot be bound the server runs without it and does
+not advertise it; the peers then skip the check.
 
 All protocol decisions live in ``rawpunch.proto.server.ServerCore``; this module only moves
 bytes, reads the clock and keeps the TCP side bounded (concurrent connections, read deadline).
@@ -161,7 +166,9 @@ class RendezvousServer:
     """``async with RendezvousServer("0.0.0.0", 3478) as srv: await srv.serve_forever()``.
 
     ``alt_address`` (a second address of this machine) enables the NAT probe's server part (root);
-    its second TCP port is ``probe_port`` (default: the TCP port + 1).
+    its second TCP port is ``probe_port`` (default: the TCP port + 1). ``mapping_port``: the second
+    discovery port (default: the TCP port + 2, an ephemeral one when the TCP port is); ``mapping_check``
+    False runs without it.
     """
 
     def __init__(
@@ -171,6 +178,8 @@ class RendezvousServer:
         tcp_port: int | None = None,
         alt_address: str | None = None,
         probe_port: int | None = None,
+        mapping_port: int | None = None,
+        mapping_check: bool = True,
         **config: Any,
     ) -> None:
         self.host = host
@@ -178,6 +187,9 @@ class RendezvousServer:
         self.tcp_port = port if tcp_port is None else tcp_port
         self.alt_address = alt_address
         self.probe_port = probe_port
+        self.mapping_port = mapping_port if mapping_check else None
+        self._mapping_check = mapping_check
+        self._mapping: asyncio.Server | None = None
         self.probe: _ProbeIO | None = None
         self._probe_servers: list[asyncio.Server] = []
         self._held: Counter[str] = Counter()
@@ -190,9 +202,12 @@ class RendezvousServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        wanted = self.tcp_port
         self._tcp = await self._bind("TCP", asyncio.start_server(self._on_tcp, self.host, self.tcp_port))
         self.tcp_port = self._tcp.sockets[0].getsockname()[1]
         config = dict(self._config)
+        if self._mapping_check:
+            config["mapping_port"] = await self._start_mapping_listener(wanted)
         if self.alt_address is not None:
             config.update(await self._start_probe_listeners())
         self.core = ServerCore(ServerConfig(tcp_port=self.tcp_port, **config), loop.time())
@@ -203,6 +218,20 @@ class RendezvousServer:
         self._udp = _UdpReader(self, sock)
         self._timer = asyncio.create_task(self._run_timer())
         log.info("listening on %s udp %d, tcp discovery %d", self.host, self.port, self.tcp_port)
+
+    async def _start_mapping_listener(self, wanted_tcp_port: int) -> int | None:
+        """The second discovery listener; its port, or None (logged) if it cannot be bound."""
+        port = self.mapping_port
+        if port is None:
+            port = wanted_tcp_port + 2 if wanted_tcp_port else 0
+        try:
+            self._mapping = await asyncio.start_server(self._on_tcp, self.host, port)
+        except OSError as exc:
+            log.warning("no mapping-check port (TCP %d: %s): peers skip that check", port, exc.strerror)
+            self.mapping_port = None
+            return None
+        self.mapping_port = self._mapping.sockets[0].getsockname()[1]
+        return self.mapping_port
 
     async def _start_probe_listeners(self) -> dict[str, Any]:
         """Listeners on main:probe_port, alt:tcp_port and alt:probe_port; the core's probe settings."""
@@ -313,7 +342,7 @@ class RendezvousServer:
             self._timer.cancel()
         if self._udp:
             self._udp.close()
-        for srv in [*([self._tcp] if self._tcp else []), *self._probe_servers]:
+        for srv in [*(s for s in (self._tcp, self._mapping) if s), *self._probe_servers]:
             srv.close()
             await srv.wait_closed()
         if self.probe is not None:

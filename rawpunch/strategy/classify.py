@@ -11,8 +11,12 @@ to the same server endpoint, so each needs a new mapping. The public ports tell 
 * anything else: **random**.
 
 One server endpoint cannot show the mapping behaviour (that needs one local port towards two destinations,
-RFC 4787 section 4.1), so the discoveries leave ``mapping`` unknown; a probe result (``rawpunch probe``,
-cached by ``rawpunch.probe.cache``) fills it and wins wherever it knows more. Both peers exchange what they
+RFC 4787 section 4.1). A server with a second discovery port (``MAPPING_PORT``) shows half of it: the last
+port discovered there again gets **another public port** if the NAT maps per remote port -- address-and-
+port-dependent mapping, what makes port guessing hopeless between two such NATs (``auto``) -- and the same
+one if it maps endpoint-independently *or* per address, which one address cannot tell apart (that stays
+unknown). A probe result (``rawpunch probe``, cached by ``rawpunch.probe.cache``) fills what is left and
+wins wherever it knows more. Both peers exchange what they
 know in the sealed peer info (``nat_*`` fields), so both compute the same strategy cascade.
 """
 
@@ -35,7 +39,13 @@ log = logging.getLogger("rawpunch.strategy")
 
 
 def classify_discoveries(observed: Sequence[TcpMapping]) -> NatBehaviour:
-    """The allocation behaviour shown by consecutive discoveries of distinct local ports (oldest first)."""
+    """The allocation behaviour shown by consecutive discoveries of distinct local ports (oldest first), and
+    the mapping if the last one repeats the port before it at the server's other port (the mapping check)."""
+    if len(observed) >= 2 and observed[-1].local_port == observed[-2].local_port:
+        allocation = classify_discoveries(observed[:-1])
+        if observed[-1].public.port == observed[-2].public.port:
+            return allocation
+        return dataclasses.replace(allocation, mapping="address-and-port-dependent")
     if len(observed) < 2:
         return NatBehaviour()
     if all(m.public.port == m.local_port for m in observed):

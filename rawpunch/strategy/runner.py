@@ -102,19 +102,25 @@ async def discover(
 ) -> list[TcpMapping]:
     """Public endpoints of ``first_port`` and fresh ports, one after the other (allocation order); fewer
     than ``classify.DISCOVERIES`` (a single-port strategy and its spare: nothing to classify) all at once,
-    so a spare costs no round trip."""
+    so a spare costs no round trip. To classify, the last port is discovered once more at the server's
+    mapping-check port, if it has one, and that mapping comes last (``classify.classify_discoveries``; the
+    server now holds it for that port, and a sequential NAT's next port follows it)."""
     if count < classify.DISCOVERIES:
         found = await asyncio.gather(
             *(client.discover_tcp(first_port if i == 0 else 0) for i in range(count))
         )
     else:
         found = [await client.discover_tcp(first_port if i == 0 else 0) for i in range(count)]
-    for mapping in found:
+        check_port = client.registered.mapping_port if client.registered else None
+        if check_port:
+            found.append(await client.discover_tcp(found[-1].local_port, server_port=check_port))
+    for i, mapping in enumerate(found):
         emit(
             {
                 "event": "tcp_endpoint",
                 "local": str(Endpoint(client.local_address.host, mapping.local_port)),
                 "public": str(mapping.public),
+                **({"mapping_check": True} if i and mapping.local_port == found[i - 1].local_port else {}),
             }
         )
     return found
@@ -131,7 +137,7 @@ def own_info(
         sack=options.sack_permitted,
         timestamps=options.timestamp is not None,
         tcp_port=mappings[0].local_port,
-        punch_ports=tuple(m.local_port for m in mappings),
+        punch_ports=tuple(dict.fromkeys(m.local_port for m in mappings)),  # the mapping check repeats one
         strategy=strategy,
         **classify.info_fields(known),
     )

@@ -119,7 +119,7 @@ AUTO_CASES = [
     ("adm-adf-sequential", "apdm-sequential", "port-prediction"),
     ("eim-apdf-rst", "apdm-random", "birthday"),
     ("eim-eif", "apdm-random", "birthday"),  # the listener takes the first SYN: no guessing
-    ("apdm-random", "adm-adf-sequential", "port-prediction"),  # its listener takes a's retransmitted SYN
+    ("apdm-random", "adm-adf-sequential", "birthday"),  # per-port mapping seen: the sequential side primes
     ("apdm-random", "eim-apdf-random", "birthday"),  # both maybe stable: guessed both ways at once
 ]
 
@@ -260,17 +260,18 @@ def test_auto_goes_straight_to_port_exhaustion_where_no_guessing_reaches(_own_pr
         assert [a["strategy"] for a in attempts(run)] == ["port-exhaustion"]
 
 
-def test_auto_falls_back_to_port_exhaustion_between_two_symmetric_random_nats() -> None:
-    """With only the fast classification both sides look "maybe stable" (random ports, mapping unknown):
-    auto guesses both ways first, which cannot meet two per-destination mappings, and the port exhaustion
-    after it connects, over an impaired core, within the default deadline it grows to (60 s)."""
+def test_auto_sees_two_per_port_mappings_while_registering_and_exhausts_at_once() -> None:
+    """No probe results: the fast classification's mapping check (the last port discovered again at the
+    server's second port) shows each NAT mapping per remote port, so auto skips guessing, which cannot meet
+    two such mappings, and its one attempt, the port exhaustion, connects over an impaired core."""
     impairment = Impairment(delay_ms=20, jitter_ms=5, loss=0.01, seed=3)
     (runs,) = punch("apdm-random", "apdm-random", "auto", impairment=impairment)
     for run in runs.values():
+        own = run.event("own_nat")
+        assert own is not None and not own["from_probe"]
+        assert (own["mapping"], own["allocation"]) == ("address-and-port-dependent", "random")
+        checks = [e for e in run.events if e["event"] == "tcp_endpoint" and e.get("mapping_check")]
+        assert len(checks) == 1
         cascade = run.event("cascade")
-        assert cascade is not None and cascade["strategies"] == ["birthday", "port-exhaustion"]
-        tried = attempts(run)
-        assert [(a["strategy"], str(a["outcome"]).split(":")[0]) for a in tried] == [
-            ("birthday", "failed"),
-            ("port-exhaustion", "connected"),
-        ]
+        assert cascade is not None and cascade["strategies"] == ["port-exhaustion"]
+        assert [(a["strategy"], a["outcome"]) for a in attempts(run)] == [("port-exhaustion", "connected")]

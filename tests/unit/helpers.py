@@ -135,6 +135,7 @@ ATTRIBUTE_VALUES: dict[Attr, st.SearchStrategy[Any]] = {
     Attr.REACTION: st.integers(0, 0xFF),
     Attr.ATTEMPT: st.integers(0, 0xFF),
     Attr.PAIRED_US: st.integers(0, 0xFFFFFFFF),
+    Attr.MAPPING_PORT: st.integers(0, 0xFFFF),
 }
 
 

@@ -931,3 +931,9 @@ def test_two_clients_pair_despite_30_percent_loss(seed: int) -> None:
         assert kinds == [Registered, PeerFound, Go, ResultAcknowledged]
         assert all(isinstance(exc, RemoteProtocolError) for exc in app.rejected)
     assert_no_reflection(run)
+
+
+def test_registered_names_the_mapping_check_port_only_where_the_server_listens_on_one() -> None:
+    with_check = Peer(make_server(mapping_port=TCP_PORT + 2), A_ADDR).register(T0)
+    assert (with_check.get(Attr.TCP_PORT), with_check.get(Attr.MAPPING_PORT)) == (TCP_PORT, TCP_PORT + 2)
+    assert Peer(make_server(), A_ADDR).register(T0).get(Attr.MAPPING_PORT) is None

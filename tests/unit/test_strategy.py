@@ -59,6 +59,38 @@ def test_discoveries_classify_the_allocation(case: str) -> None:
     assert (found.allocation, found.allocation_delta, found.mapping) == (allocation, delta, "unknown")
 
 
+@pytest.mark.parametrize(
+    ("check", "mapping"),
+    [(1032, "unknown"), (1033, "address-and-port-dependent"), (5000, "address-and-port-dependent")],
+)
+def test_the_mapping_check_repeats_the_last_port_and_shows_per_port_mapping(check: int, mapping: str) -> None:
+    """The last local port discovered again at the server's other port: the same public port says
+    "endpoint-independent or address-dependent" (left unknown), another says address-and-port-dependent."""
+    observed = [*mappings((40001, 1030), (51000, 1031), (33333, 1032)), *mappings((33333, check))]
+    found = classify.classify_discoveries(observed)
+    assert (found.allocation, found.allocation_delta, found.mapping) == ("sequential", 1, mapping)
+
+
+@pytest.mark.parametrize(
+    ("profile", "mapping"),
+    [
+        ("apdm-random", "address-and-port-dependent"),
+        ("apdm-sequential", "address-and-port-dependent"),
+        ("adm-adf-sequential", "unknown"),
+        ("eim-apdf-random", "unknown"),
+        ("eim-apdf", "unknown"),
+    ],
+)
+def test_the_mapping_check_through_the_nat_models(profile: str, mapping: str) -> None:
+    nat = Nat(S_PUB, "10.0.1.1", get_profile(profile), next_port=20000, seed=3)
+    nat, found = discover(nat, [41000, 41001, 41002], 0.0)
+    check_port = Endpoint(SERVER.host, SERVER.port + 2)
+    nat, verdict = natmodel.outbound(nat, syn(Endpoint(nat.lan_ip, 41002), check_port, 1), 0.1)
+    assert isinstance(verdict, Forward) and isinstance(verdict.item, Segment)
+    checked = classify.classify_discoveries([*found, TcpMapping(41002, verdict.item.src)])
+    assert checked.mapping == mapping
+
+
 def test_a_probe_result_wins_where_it_knows_and_the_discoveries_fill_the_rest() -> None:
     probe = NatBehaviour(mapping="endpoint-independent", filtering="address-and-port-dependent")
     quick = NatBehaviour(allocation="sequential", allocation_delta=2)
