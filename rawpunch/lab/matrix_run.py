@@ -412,10 +412,11 @@ def write_failure(directory: Path, cell: Cell, reports: dict[str, PeerReport], l
 
 def write_outputs(request: Request, records: list[dict[str, Any]], head: dict[str, Any]) -> None:
     """DIR/matrix.md and DIR/matrix.png from the records (the whole file, not just this run's)."""
+    from rawpunch.lab.goals import markdown_section  # noqa: PLC0415
     from rawpunch.lab.matrix_render import Meta, heatmap, markdown  # noqa: PLC0415
 
     table = aggregate(records, request.plan)
     meta = Meta(_now().replace("T", " ").replace("Z", " UTC"), str(head.get("kernel")), request.conditions,
                 request.plan.reps, request.note)  # fmt: skip
-    (request.out / MARKDOWN).write_text(markdown(table, meta))
+    (request.out / MARKDOWN).write_text(markdown(table, meta) + "\n".join(markdown_section(records)) + "\n")
     heatmap(table, meta, request.out / PICTURE)

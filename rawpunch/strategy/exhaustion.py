@@ -44,13 +44,16 @@ RELEASE_WAIT = 3.0  # seconds the attempt waits at most for the releases after a
 ALL_DUE = 3600.0  # "now" plus this: every segment of a schedule is due
 
 
-def side_of(view: PeerView, public_port: int) -> Side:
-    """What ``view``'s side does in the sweep (``public_port``: its attempt port's, as the server saw it)."""
+def side_of(view: PeerView, public_port: int, attempt: int = 0) -> Side:
+    """What ``view``'s side does in the sweep (``public_port``: its attempt port's, as the server saw it). A
+    sequential side's window covers what the cascade's earlier attempts may have allocated (``REACH``), or
+    as the first attempt only a margin for other flows (``FIRST_REACH``)."""
     kind = auto.nat_class(view.behaviour)
     if kind == "stable":
         return sweep.stable_side(public_port)
     if kind == "sequential":
-        return sweep.sequential_side(view.last_public_port, view.behaviour.allocation_delta or 1)
+        reach = sweep.FIRST_REACH if attempt == 0 else sweep.REACH
+        return sweep.sequential_side(view.last_public_port, view.behaviour.allocation_delta or 1, reach)
     return sweep.exhausting_side(view.last_public_port)
 
 
@@ -68,8 +71,8 @@ def local_ports(side: Side, attempt_port: int) -> tuple[int, ...]:
 def plan_for(ctx: AttemptContext) -> SweepPlan:
     if ctx.peer.info.isn is None:
         raise AttemptFailed("the peer sent no ISN: is it running an older rawpunch?")
-    mine = side_of(ctx.me, ctx.me.public[ctx.local.port].port)
-    theirs = side_of(ctx.peer, ctx.peer_public.port)
+    mine = side_of(ctx.me, ctx.me.public[ctx.local.port].port, ctx.attempt)
+    theirs = side_of(ctx.peer, ctx.peer_public.port, ctx.attempt)
     return SweepPlan(
         sides=(mine, theirs) if ctx.slot == 0 else (theirs, mine),
         slot=ctx.slot,
@@ -82,6 +85,20 @@ def plan_for(ctx: AttemptContext) -> SweepPlan:
         rtt=ctx.client.core.rtt,
         options=ctx.options,
     )
+
+
+def claims(data: bytes, peer: bytes, peer_isn: bytes, ports: frozenset[int]) -> bool:
+    """Whether the queue hands an IPv4 packet to the sweep: a SYN (or SYN-ACK) from the peer's host (``peer``,
+    4 bytes) with the peer's ISN to one of our flows' ``ports``, read from the bytes (the rule queues all TCP
+    from that host). Everything else -- our NAT's refusals of the peer's other knocks, a connection of
+    another program on this host to the peer's address -- goes on to the kernel unparsed."""
+    try:
+        ihl = (data[0] & 0x0F) * 4
+        ours = data[9] == socket.IPPROTO_TCP and data[12:16] == peer
+        exact = data[ihl + 4 : ihl + 8] == peer_isn and bool(data[ihl + 13] & 0x02)
+        return ours and exact and int.from_bytes(data[ihl + 2 : ihl + 4]) in ports
+    except IndexError:
+        return False
 
 
 class PortExhaustion:
@@ -118,21 +135,17 @@ class _SweepRun:
         self.found = asyncio.Event()
         self.ports = frozenset(sw.plan.local_ports)
         self.peer_bytes = packed_address(sw.plan.peer_host)
-        self.queue = SegmentQueue(self._on_segment, max_len=QUEUE_LEN)
+        self.peer_isn = sw.plan.peer_isn.to_bytes(4, "big")
+        self.sender = RawSender()  # first: it fails without root, before a queue is bound
+        try:
+            self.queue = SegmentQueue(self._on_segment, max_len=QUEUE_LEN)
+        except BaseException:
+            self.sender.close()
+            raise
         self.queue.claim = self._claims
-        self.sender = RawSender()
 
     def _claims(self, data: bytes) -> bool:
-        """A SYN (or SYN-ACK) from the peer's host to one of our flows, read from the bytes: everything else
-        from that host (our NAT's refusals of the peer's other knocks, say) goes on to the kernel unparsed."""
-        try:
-            ihl = (data[0] & 0x0F) * 4
-            ours = data[9] == socket.IPPROTO_TCP and data[12:16] == self.peer_bytes
-            return (
-                ours and bool(data[ihl + 13] & 0x02) and int.from_bytes(data[ihl + 2 : ihl + 4]) in self.ports
-            )
-        except IndexError:
-            return False
+        return claims(data, self.peer_bytes, self.peer_isn, self.ports)
 
     def _on_segment(self, seg: Segment) -> None:
         if self.sw.receive(seg) is not None:

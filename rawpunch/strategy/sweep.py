@@ -72,8 +72,10 @@ EXHAUSTION_FLOWS = RANGE_SIZE
 #: SYNs per second, each side: 64,512 SYNs of 60 bytes in 6.5 s, about 5 Mbit/s.
 EXHAUSTION_RATE = 10_000.0
 #: Flows of a sequential side: its predicted port stays covered after up to REACH - 1 mappings it made since
-#: its discovery (earlier attempts of a cascade: a birthday primer's 750 guesses among them).
+#: its discovery (earlier attempts of a cascade: a birthday primer's 750 guesses among them) ...
 REACH = 1024
+#: ... or, as a cascade's first attempt, since the mapping check: other hosts' and programs' new flows only.
+FIRST_REACH = 64
 #: Knock rounds at most (they alternate between the sides).
 MAX_ROUNDS = 4
 #: RSTs per second that release the flows' NAT entries: they pass our NAT only, so faster than the SYNs.
@@ -178,6 +180,12 @@ class SweepPlan:
         return 1 if self.sides[1].flows < self.sides[0].flows else 0
 
     def knocker(self, round_: int) -> int:
+        """Who knocks in round ``round_``: a stable or sequential side in every round, against an exhausting
+        one (tens of thousands of unsolicited SYNs at the peer's NAT buy nothing its few flows' knocks do
+        not, and a NAT that answers each from its own stack, or a userspace one, drowns in them); two
+        exhausting sides take turns, so a lost SYN gets a second chance from the other direction."""
+        if min(s.flows for s in self.sides) <= REACH:
+            return self.first_knocker
         return self.first_knocker if round_ % 2 == 0 else 1 - self.first_knocker
 
     def round_length(self, round_: int) -> float:

@@ -80,6 +80,9 @@ def test_small_matrix_runs_resumes_and_renders(tmp_path: Path) -> None:
         assert row.count(f"100% ({REPS}/{REPS})") == len(STRATEGIES), row
     assert head["kernel"] in markdown
     assert _png_size(out / "matrix.png") == figure_size(2, 1, len(STRATEGIES))  # a: 2 profiles, b: 1
+    if "auto" in STRATEGIES:  # the goals, computed from these records: two EIM pairs, all connected
+        goal = next(line for line in markdown.splitlines() if line.startswith("| 100% on every pair"))
+        assert goal.endswith(f"| 100.0% ({len(PAIRS) * REPS}/{len(PAIRS) * REPS}) | met |"), goal
 
     third = _matrix(out)  # nothing missing: renders only
     assert third.returncode == 0 and len(_lines(out)) == 1 + total

@@ -41,35 +41,38 @@ def plan_pair(
 # --- the schedule -----------------------------------------------------------------------------------------
 
 
-def test_knocking_starts_after_both_opens_and_alternates_from_the_side_with_fewer_flows() -> None:
+def test_knocking_starts_after_both_opens_and_the_side_with_few_flows_knocks_every_round() -> None:
     sides = (sweep.exhausting_side(5000), sweep.sequential_side(7000, 1))
     a, b = plan_pair(sides, (tuple(range(1024, 65536)), tuple(range(20000, 20000 + sweep.REACH))))
     assert a.knock_start == b.knock_start >= a.open_time(0) == 64512 / sweep.EXHAUSTION_RATE
     assert a.first_knocker == b.first_knocker == 1  # the sequential side's 1,024 flows: cheaper
-    assert [a.knocker(r) for r in range(4)] == [1, 0, 1, 0]
+    assert [a.knocker(r) for r in range(4)] == [1, 1, 1, 1]  # 64,512 unsolicited SYNs would buy nothing
+    both = plan_pair((sides[0], sweep.exhausting_side(9000)), (a.local_ports, a.local_ports))[0]
+    assert [both.knocker(r) for r in range(4)] == [0, 1, 0, 1]  # two exhausting sides take turns
     assert a.target == Endpoint(B_PUB, sides[1].aim) and b.target == Endpoint(A_PUB, sides[0].aim)
     assert sides[1].aim == 7000 + sweep.REACH  # the REACH-th next port: any of its flows may get it
     assert a.probability == pytest.approx(1.0)
 
 
 def test_opens_go_out_at_the_rate_with_the_priming_ttl_and_knocks_at_the_knockers_turn() -> None:
-    sides = (sweep.exhausting_side(5000, flows=100), sweep.exhausting_side(6000, flows=100))
-    a, b = plan_pair(sides, (tuple(range(2000, 2100)), tuple(range(3000, 3100))), rate=1000.0)
+    n = 2000  # more than REACH: two exhausting sides, which take turns
+    sides = (sweep.exhausting_side(5000, flows=n), sweep.exhausting_side(6000, flows=n))
+    a, b = plan_pair(sides, (tuple(range(2000, 2000 + n)), tuple(range(7000, 7000 + n))), rate=10_000.0)
     sw = Sweep(a)
     sw.start(10.0)
     first = sw.to_send(10.0)
     assert [len(x.ports) for x in first] == [1]
     opened = first[0].segment
     assert (opened.flags, opened.seq, opened.ttl, opened.options) == (Flags.SYN, A_ISN - 1, 2, OPTIONS)
-    assert sum(len(x.ports) for x in sw.to_send(10.0495)) == 49  # 1,000 per second
-    assert sum(len(x.ports) for x in sw.to_send(10.11)) == 50 and sw.to_send(10.11) == []  # before knocks
+    assert sum(len(x.ports) for x in sw.to_send(10.04995)) == 499  # 10,000 per second
+    assert sum(len(x.ports) for x in sw.to_send(10.21)) == n - 500 and sw.to_send(10.21) == []  # no knock yet
     assert sw.get_timer() == pytest.approx(10.0 + a.knock_start)  # slot 0 knocks first (a tie)
-    knocks = sw.to_send(10.0 + a.knock_start + 0.2)  # round 0 only: round 2 (ours again) starts later
-    assert sum(len(x.ports) for x in knocks) == 100
+    knocks = sw.to_send(10.0 + a.knock_start + 0.3)  # round 0 only: round 2 (ours again) starts later
+    assert sum(len(x.ports) for x in knocks) == n
     assert {(x.segment.seq, x.segment.ttl) for x in knocks} == {(A_ISN, 64)}
     other = Sweep(b)
     other.start(10.0)
-    other.to_send(10.2)  # its opens
+    other.to_send(10.21)  # its opens
     assert other.get_timer() == pytest.approx(10.0 + b.knock_start + b.round_length(0))  # its turn: round 1
 
 
@@ -228,11 +231,13 @@ def test_each_nat_class_gets_its_side_and_only_a_random_one_exhausts() -> None:
     )
     random_ = view(1, NatBehaviour(allocation="random"), {5: Endpoint(B_PUB, 33333)}, 33333)
     assert exhaustion.side_of(stable, 4000) == Side("stable", 1, 4000)
-    assert exhaustion.side_of(sequential, 7000) == Side("sequential", sweep.REACH, 7000 + 2 * sweep.REACH)
+    assert exhaustion.side_of(sequential, 7000) == Side("sequential", 64, 7000 + 2 * sweep.FIRST_REACH)
+    later = exhaustion.side_of(sequential, 7000, attempt=2)  # after attempts that may have taken ports
+    assert later == Side("sequential", sweep.REACH, 7000 + 2 * sweep.REACH)
     assert exhaustion.side_of(random_, 33333) == Side("exhaust", 64512, 33334)
     assert exhaustion.side_of(dataclasses.replace(random_, last_public_port=65535), 1).aim == 65534
     assert exhaustion.local_ports(Side("stable", 1, 4000), 4000) == (4000,)
-    ports = exhaustion.local_ports(exhaustion.side_of(sequential, 7000), 4000)
+    ports = exhaustion.local_ports(later, 4000)
     assert len(set(ports)) == sweep.REACH and 4000 not in ports and min(ports) >= 1024
     assert exhaustion.local_ports(Side("exhaust", 64512, 1), 4000) == tuple(range(1024, 65536))
 
@@ -270,3 +275,19 @@ def test_the_all_ports_guard_queues_the_peer_hosts_tcp_and_drops_our_kernels_rst
     assert "--tcp-flags RST RST -m ttl --ttl-gt 2" in rst  # our low-TTL releases pass, the kernel's do not
     with pytest.raises(ValueError, match="needs the peer's address"):
         PunchFlow(40000, None, 1, all_ports=True)
+
+
+def test_the_queue_claims_only_the_peers_exact_syns_to_our_flows_and_leaves_the_rest_to_the_kernel() -> None:
+    peer, isn, ports = bytes([198, 51, 100, 18]), B_ISN.to_bytes(4, "big"), frozenset({2000, 2001})
+
+    def wire(**kw: object) -> bytes:
+        fields = {"seq": B_ISN, "flags": Flags.SYN, **kw}
+        return to_bytes(Segment(Endpoint(B_PUB, 40000), Endpoint(A_LAN, 2001), **fields))  # type: ignore[arg-type]
+
+    assert exhaustion.claims(wire(), peer, isn, ports)
+    assert exhaustion.claims(wire(flags=Flags.SYN | Flags.ACK, ack=A_ISN + 1), peer, isn, ports)
+    assert not exhaustion.claims(wire(seq=B_ISN + 1), peer, isn, ports)  # someone else's SYN-ACK
+    assert not exhaustion.claims(wire(flags=Flags.RST | Flags.ACK), peer, isn, ports)
+    assert not exhaustion.claims(wire(), peer, isn, frozenset({2000}))  # not one of our flows
+    assert not exhaustion.claims(wire(), bytes([203, 0, 113, 9]), isn, ports)  # another host
+    assert not exhaustion.claims(wire()[:30], peer, isn, ports)  # truncated: the kernel's business
