@@ -133,7 +133,6 @@ class _SweepRun:
         self.ctx, self.sw, self.plan = ctx, sw, sw.plan
         self.loop = asyncio.get_running_loop()
         self.found = asyncio.Event()
-        self.ports = frozenset(sw.plan.local_ports)
         self.peer_bytes = packed_address(sw.plan.peer_host)
         self.peer_isn = sw.plan.peer_isn.to_bytes(4, "big")
         self.sender = RawSender()  # first: it fails without root, before a queue is bound
@@ -145,7 +144,7 @@ class _SweepRun:
         self.queue.claim = self._claims
 
     def _claims(self, data: bytes) -> bool:
-        return claims(data, self.peer_bytes, self.peer_isn, self.ports)
+        return claims(data, self.peer_bytes, self.peer_isn, self.plan.port_set)
 
     def _on_segment(self, seg: Segment) -> None:
         if self.sw.receive(seg) is not None:
@@ -181,8 +180,8 @@ class _SweepRun:
     async def _sweep(self) -> Found:
         """Send the sweep's segments as they come due, until a segment of the peer names the 4-tuple."""
         budget_left = max(0.0, self.ctx.budget - (time.monotonic() - self.ctx.started))
-        started = self.sw.started if self.sw.started is not None else self.loop.time()
-        deadline = min(self.loop.time() + budget_left, started + self.sw.schedule_end)
+        assert self.sw.started is not None, "start the sweep first"
+        deadline = min(self.loop.time() + budget_left, self.sw.started + self.sw.schedule_end)
         while self.sw.found is None:
             now = self.loop.time()
             if now >= deadline:

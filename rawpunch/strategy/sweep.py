@@ -40,9 +40,10 @@ The schedule (all from data both peers hold, no clock compared)
 2. **Knock** once both sides' opens are out (``knock_start``: the longer open phase plus the GO skew margin):
    one side sends every flow's SYN again with the normal TTL (``seq = ISN``). All are dropped at the peer's
    NAT but the one from ``h`` to ``g``, which meets the peer's entry in the reply direction (conntrack's
-   simultaneous open, SYN_SENT2) and reaches the peer. Rounds alternate between the sides (a lost SYN gets a
-   second chance from the other direction), the side with fewer flows first; each round lasts its SYNs at the
-   rate plus a few round trips.
+   simultaneous open, SYN_SENT2) and reaches the peer. A stable or sequential side knocks in every round (its
+   few SYNs are cheap; an exhausting side's would be tens of thousands of unsolicited SYNs at the peer's
+   NAT); two exhausting sides take turns (a lost SYN gets a second chance from the other direction). Each
+   round lasts its SYNs at the rate plus a few round trips.
 3. **Found**: a SYN (or SYN-ACK) from the peer's address to one of our flows, carrying exactly the peer's ISN
    (and ``ack = ISN + 1`` for a SYN-ACK) from the sealed peer info -- a blind forgery cannot match. That names
    the 4-tuple; the crafted handshake's engine (``rawpunch.punch.engine``) finishes it from there, the caught
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from rawpunch.proto.codec import Endpoint
@@ -147,6 +149,11 @@ class SweepPlan:
             raise ValueError(f"{len(self.local_ports)} local ports for {self.me.flows} flows")
         if self.rate <= 0:
             raise ValueError(f"rate must be positive, got {self.rate}")
+
+    @cached_property
+    def port_set(self) -> frozenset[int]:
+        """``local_ports`` for membership tests (a segment's destination, a queued packet's)."""
+        return frozenset(self.local_ports)
 
     @property
     def me(self) -> Side:
@@ -250,12 +257,10 @@ class Sweep:
     ignored: int = 0
     """Segments from the peer's address that did not name a flow of ours with the exact numbers."""
     _senders: list[tuple[Phase, _Sender]] = field(default_factory=list)
-    _ports: frozenset[int] = frozenset()
 
     def start(self, now: float) -> None:
         p = self.plan
         self.started = now
-        self._ports = frozenset(p.local_ports)
         self._senders = [("open", _Sender(p.local_ports, now, p.rate))]
         at = now + p.knock_start
         for r in range(MAX_ROUNDS):
@@ -274,8 +279,7 @@ class Sweep:
         """What is due by ``now``, as batches of one segment from many local ports: opens (priming TTL),
         knocks (normal TTL), releases (RST, priming TTL). Tens of thousands of segments that differ only in
         the source port are built once and patched (``rawio.RawSender.send_batch``)."""
-        batches = [Batch(self._segment(phase), ports) for phase, s in self._senders if (ports := s.due(now))]
-        return batches
+        return [Batch(self._segment(phase), ports) for phase, s in self._senders if (ports := s.due(now))]
 
     def _segment(self, phase: Phase) -> Segment:
         """The phase's segment, from source port 0 (each batch port replaces it)."""
@@ -295,7 +299,7 @@ class Sweep:
     def receive(self, seg: Segment) -> Found | None:
         """A segment from the peer's address: the ``Found`` it proves, else None (counted in ``ignored``)."""
         p = self.plan
-        ours = (seg.src.host, seg.dst.host) == (p.peer_host, p.local_host) and seg.dst.port in self._ports
+        ours = (seg.src.host, seg.dst.host) == (p.peer_host, p.local_host) and seg.dst.port in p.port_set
         if self.found is not None or not ours or not self._exact(seg):
             self.ignored += 1
             return None
